@@ -1,0 +1,23 @@
+"""gacd_fast: fast, exact guided adversarial contrastive distillation (GACD) for PyTorch.
+
+    from gacd_fast import GACDLoss, PGD
+"""
+from ._source_tree import map_kernels_package
+
+map_kernels_package()
+
+from .attacks import FGSM, PGD
+from .backends import available_backends, get_backend, set_backend
+from .functional import cosine_similarity, info_nce, nce_loss, normalize, pgd_step_
+from .loss import Embed, GACDLoss
+from .memory import FeatureQueue, MemoryBank
+from .weighting import teacher_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GACDLoss", "Embed", "MemoryBank", "FeatureQueue", "teacher_weights",
+    "PGD", "FGSM",
+    "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_",
+    "set_backend", "get_backend", "available_backends",
+]

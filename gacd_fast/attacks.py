@@ -1,0 +1,190 @@
+"""Attacks with torchattacks' interface: ``atk = PGD(model, eps, alpha, steps); x_adv = atk(x, y)``.
+
+Inputs are images in [0, 1]; the result is detached; the model's train/eval flags are restored
+module by module; gradients are taken with ``torch.autograd.grad`` so no parameter ``.grad`` is
+touched. Each step goes through :func:`gacd_fast.functional.pgd_step_`, so it runs on the fastest
+backend available.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as gf
+from ._checks import check_int, check_option, check_per_sample, check_real, check_tensor, value_checks_enabled
+
+LossFn = Callable[[object, torch.Tensor], torch.Tensor]
+MODEL_MODES = ("eval", "train", "keep")
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits of a model output: the output itself, or the last item of a (features, logits) tuple."""
+    if isinstance(output, (tuple, list)):
+        output = output[-1]
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        raise TypeError(
+            "loss='ce' needs the model to return [B, C] logits or a (features, logits) tuple; "
+            "pass loss=callable(model_output, targets) for other outputs"
+        )
+    return output
+
+
+def cross_entropy(output: object, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the model's logits (torchattacks' PGD loss)."""
+    return F.cross_entropy(logits_of(output), targets)
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``model`` in eval/train mode ("keep": leave it) and restore every module's flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if mode != "keep":
+            model.train(mode == "train")
+        yield
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+class PGD:
+    """Projected gradient descent (ascent on the loss) in the L-inf or L2 ball.
+
+    Args:
+        model: maps images [B, C, H, W] (after ``normalization``) to logits, a (features,
+            logits) tuple, or whatever ``loss`` understands.
+        eps, alpha: radius and step size: Python floats or per-sample [B] tensors.
+        steps: number of steps (0: the random start only).
+        random_start: linf: uniform in [-eps, eps] then clamp; l2: uniform radius, random direction
+            (torchattacks' PGD / PGDL2 starts).
+        norm: "linf" or "l2".
+        loss: "ce" (mean cross-entropy, as torchattacks) or ``callable(model_output, targets)``
+            returning a scalar to maximise (e.g. the GACD contrastive objective).
+        model_mode: "eval" (default, as torchattacks), "train" or "keep".
+        normalization: (mean, std) per channel applied inside the attack, or None.
+        generator: torch.Generator for the random start (reproducible attacks).
+        backend: backend for the step (None: the current selection).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor = 8 / 255,
+        alpha: float | torch.Tensor = 2 / 255,
+        steps: int = 10,
+        random_start: bool = True,
+        *,
+        norm: str = "linf",
+        loss: str | LossFn = "ce",
+        model_mode: str = "eval",
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        generator: torch.Generator | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        for name, v in (("eps", eps), ("alpha", alpha)):
+            if not isinstance(v, torch.Tensor):
+                check_real(name, v, nonneg=True)
+        self.eps, self.alpha = eps, alpha
+        self.steps = check_int("steps", steps, minimum=0)
+        self.random_start = bool(random_start)
+        self.norm = check_option("norm", norm, gf.NORMS)
+        if isinstance(loss, str):
+            check_option("loss", loss, ("ce",))
+            self.loss_fn: LossFn = cross_entropy
+        elif callable(loss):
+            self.loss_fn = loss
+        else:
+            raise TypeError(f"loss must be 'ce' or a callable(model_output, targets), got {type(loss).__name__}")
+        self.model_mode = check_option("model_mode", model_mode, MODEL_MODES)
+        self.normalization = self._check_normalization(normalization)
+        self.generator = generator
+        self.backend = backend
+
+    @staticmethod
+    def _check_normalization(norm):
+        if norm is None:
+            return None
+        if not isinstance(norm, (tuple, list)) or len(norm) != 2:
+            raise ValueError(f"normalization must be (mean, std) or None, got {norm!r}")
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in norm)
+        if mean.shape != std.shape:
+            raise ValueError(f"normalization mean and std must have the same length, got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if bool((std <= 0).any()):
+            raise ValueError(f"normalization std must be > 0, got {std.tolist()}")
+        return mean, std
+
+    def _forward(self, x: torch.Tensor) -> object:
+        if self.normalization is not None:
+            mean, std = (v.to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2))) for v in self.normalization)
+            x = (x - mean) / std
+        return self.model(x)
+
+    def _random_start(self, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+        g = self.generator
+        if self.norm == "linf":
+            if isinstance(eps, torch.Tensor):
+                e = eps.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+                noise = (torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * e
+            else:
+                noise = torch.empty_like(x).uniform_(-eps, eps, generator=g)
+        else:
+            direction = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+            n = direction.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x.dim() - 1)))
+            r = torch.rand(n.shape, generator=g, device=x.device, dtype=x.dtype)
+            e = eps.to(x.dtype).view_as(n) if isinstance(eps, torch.Tensor) else eps
+            noise = direction * (r / n * e)
+        return torch.clamp(x + noise, 0, 1)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Adversarial images [B, ...] in [0, 1], detached, same dtype as ``images``."""
+        return self.forward(images, targets)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        check_tensor("images", images, min_ndim=2)
+        if not isinstance(targets, torch.Tensor) or targets.shape[:1] != images.shape[:1]:
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor with {images.shape[0]} rows like images, got {got}")
+        if value_checks_enabled() and images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError(
+                f"images must lie in [0, 1] (undo normalisation, pass normalization=(mean, std)), "
+                f"got values in [{float(images.min())}, {float(images.max())}]"
+            )
+        eps = check_per_sample("eps", self.eps, images.shape[0], images.device, nonneg=True)
+        alpha = check_per_sample("alpha", self.alpha, images.shape[0], images.device)
+        x_nat = images.detach()
+        with model_mode(self.model, self.model_mode):
+            x_adv = self._random_start(x_nat, eps) if self.random_start else x_nat.clone()
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    cost = self.loss_fn(self._forward(x_adv), targets)
+                    (grad,) = torch.autograd.grad(cost, x_adv)
+                x_adv = x_adv.detach()
+                gf.pgd_step_(x_adv, grad, x_nat, alpha=alpha, eps=eps, norm=self.norm, backend=self.backend)
+        return x_adv
+
+
+class FGSM(PGD):
+    """Fast gradient sign method: one linf step of size eps from the clean image, no random start."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor = 8 / 255,
+        *,
+        loss: str | LossFn = "ce",
+        model_mode: str = "eval",
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            model, eps=eps, alpha=eps, steps=1, random_start=False, norm="linf", loss=loss,
+            model_mode=model_mode, normalization=normalization, backend=backend,
+        )

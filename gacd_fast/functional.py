@@ -1,0 +1,205 @@
+"""The functional API: validate inputs, pick a backend, apply weights and reduction.
+
+Backends compute the unweighted per-row loss (``info_nce_rows``); weighting and reduction are
+B-sized and done once here for all of them. NaN or inf in the inputs propagate to the result
+(they are never zeroed).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_int,
+    check_nonempty,
+    check_option,
+    check_per_sample,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
+from .ops import reference
+
+REDUCTIONS = ("none", "sum", "mean")
+NORMS = ("linf", "l2")
+
+__all__ = ["info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "weighted_reduce"]
+
+
+def weighted_reduce(loss: torch.Tensor, weights: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Apply per-sample weights (constants) and a reduction to a per-row loss [B].
+
+    "none" -> w*l [B]; "sum" -> sum w*l; "mean" -> sum w*l / sum w, which is 0 (with zero
+    gradients) when sum w == 0.
+    """
+    if weights is None:
+        if reduction == "none":
+            return loss
+        return loss.sum() if reduction == "sum" else loss.mean()
+    w = weights.detach().to(loss.dtype)
+    wl = w * loss
+    if reduction == "none":
+        return wl
+    total = wl.sum()
+    if reduction == "sum":
+        return total
+    w_sum = w.sum()
+    return total / torch.where(w_sum == 0, torch.ones_like(w_sum), w_sum)
+
+
+def _check_contrastive_inputs(query, positive, negatives, temperature, weights, neg_index, normalize, reduction):
+    check_tensor("query", query, ndim=2)
+    check_tensor("positive", positive, ndim=2)
+    check_tensor("negatives", negatives, ndim=2)
+    check_nonempty("query", query, (0, 1))
+    check_shape("positive", positive, query.shape, "same as query [B, D]")
+    check_nonempty("negatives", negatives, (0,))
+    if negatives.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"negatives must have D={query.shape[1]} columns like query, got shape {tuple(negatives.shape)}"
+        )
+    check_same_dtype(query=query, positive=positive, negatives=negatives)
+    check_same_device(query=query, positive=positive, negatives=negatives, weights=weights, neg_index=neg_index)
+    temperature = check_real("temperature", temperature, positive=True)
+    if weights is not None:
+        check_tensor("weights", weights, ndim=1)
+        check_shape("weights", weights, (query.shape[0],), "one weight per query row")
+    if neg_index is not None:
+        check_tensor("neg_index", neg_index, ndim=2, dtypes=INDEX_DTYPES)
+        check_shape("neg_index", neg_index, (query.shape[0], neg_index.shape[1]), "[B, M]")
+        check_nonempty("neg_index", neg_index, (1,))
+        check_index_range("neg_index", neg_index, negatives.shape[0], "rows of negatives")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    check_option("reduction", reduction, REDUCTIONS)
+    return temperature
+
+
+def info_nce(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    weights: torch.Tensor | None = None,
+    neg_index: torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Weighted InfoNCE of each query against its positive and a set of negatives.
+
+    Args:
+        query, positive: [B, D] float16/bfloat16/float32/float64, same dtype and device.
+        negatives: [K, D]: a bank shared by every row, or the rows ``neg_index`` picks.
+        temperature: tau > 0.
+        weights: [B] per-sample weights, constants (never differentiated); default all ones.
+        neg_index: [B, M] int32/int64 in [0, K): row i's negatives are ``negatives[neg_index[i]]``.
+        normalize: L2-normalise rows of query, positive and negatives first (eps 1e-12).
+        reduction: "none" -> [B] w_i l_i; "sum"; "mean" -> sum w l / sum w (0 when sum w == 0).
+        backend: None (the current selection), "auto" or a backend name.
+
+    Returns:
+        float32 loss (float64 for float64 inputs), l_i = logsumexp({s_pos_i} U {q_i.n/tau}) - s_pos_i
+        with s_pos_i = q_i.p_i/tau. Gradients flow to every input that requires grad.
+    """
+    temperature = _check_contrastive_inputs(
+        query, positive, negatives, temperature, weights, neg_index, normalize, reduction
+    )
+    _, fn = backends.resolve("info_nce_rows", query.device, backend)
+    rows = fn(query, positive, negatives, neg_index, temperature, normalize)
+    return weighted_reduce(rows, weights, reduction)
+
+
+def nce_loss(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    *,
+    num_data: int,
+    temperature: float = 0.07,
+    weights: torch.Tensor | None = None,
+    neg_index: torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """CRD's NCE critic, h(s) = sigmoid(s/tau - log(K/num_data)), as a weighted loss.
+
+    Same arguments as :func:`info_nce` plus ``num_data`` (the dataset size M of CRD's noise
+    distribution 1/M; K = negatives per row). Reference (torch) implementation only: it holds
+    the B x K scores.
+    """
+    temperature = _check_contrastive_inputs(
+        query, positive, negatives, temperature, weights, neg_index, normalize, reduction
+    )
+    check_int("num_data", num_data, minimum=1)
+    rows = reference.nce_rows(query, positive, negatives, neg_index, temperature, normalize, num_data)
+    return weighted_reduce(rows, weights, reduction)
+
+
+def normalize(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """[N, D] -> [N, D] rows divided by max(||row||_2, 1e-12), in ``x.dtype`` (computed in float32/64)."""
+    check_tensor("x", x, ndim=2)
+    _, fn = backends.resolve("normalize", x.device, backend)
+    return fn(x)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """[B, D], [B, D] -> [B] cosine of L2-normalised rows; float32 (float64 for float64 inputs)."""
+    check_tensor("a", a, ndim=2)
+    check_tensor("b", b, ndim=2)
+    check_shape("b", b, a.shape, "same as a")
+    check_same_dtype(a=a, b=b)
+    check_same_device(a=a, b=b)
+    _, fn = backends.resolve("cosine_similarity", a.device, backend)
+    return fn(a, b)
+
+
+def pgd_step_(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_nat: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    clip_min: float = 0.0,
+    clip_max: float = 1.0,
+    norm: str = "linf",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One projected gradient ascent step, in place on ``x_adv``; returns ``x_adv``.
+
+    Args:
+        x_adv, grad, x_nat: [B, ...] images of one float dtype on one device; x_adv must not
+            require grad (it is written in place).
+        alpha, eps: step size and radius, Python floats or per-sample [B] tensors; eps >= 0.
+        clip_min, clip_max: the valid pixel range.
+        norm: "linf": x_adv <- clamp(x_nat + clamp(x_adv + alpha*sign(grad) - x_nat, -eps, eps),
+            clip_min, clip_max) in torchattacks' order; "l2": step along grad/||grad||, project
+            onto the L2 ball of radius eps, clamp.
+    """
+    check_tensor("x_adv", x_adv, min_ndim=1, dtypes=FLOAT_DTYPES)
+    check_tensor("grad", grad)
+    check_tensor("x_nat", x_nat)
+    check_nonempty("x_adv", x_adv, (0,))
+    check_shape("grad", grad, x_adv.shape, "same as x_adv")
+    check_shape("x_nat", x_nat, x_adv.shape, "same as x_adv")
+    check_same_dtype(x_adv=x_adv, grad=grad, x_nat=x_nat)
+    check_same_device(x_adv=x_adv, grad=grad, x_nat=x_nat)
+    if x_adv.requires_grad:
+        raise ValueError("x_adv is updated in place and must not require grad; pass x_adv.detach()")
+    batch = x_adv.shape[0]
+    alpha = check_per_sample("alpha", alpha, batch, x_adv.device)
+    eps = check_per_sample("eps", eps, batch, x_adv.device, nonneg=True)
+    clip_min = check_real("clip_min", clip_min)
+    clip_max = check_real("clip_max", clip_max)
+    if clip_min > clip_max:
+        raise ValueError(f"clip_min must be <= clip_max, got clip_min={clip_min}, clip_max={clip_max}")
+    check_option("norm", norm, NORMS)
+    _, fn = backends.resolve("pgd_step_", x_adv.device, backend)
+    return fn(x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm)

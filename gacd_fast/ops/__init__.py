@@ -1,0 +1,1 @@
+"""Op implementations: ``reference`` (the definition), and one module per backend."""

@@ -1,0 +1,132 @@
+"""The reference: plain PyTorch definitions of every op. Every backend is checked against these.
+
+``info_nce_rows`` here materialises the B x K logits on purpose: it is the test oracle, written as
+literally as DESIGN.md states the op. The torch backend's memory-lean version is in ``chunked.py``.
+Inputs are assumed validated (see ``gacd_fast.functional``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # F.normalize's default: x / max(||x||, eps)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` upcast to the accumulation dtype and L2-normalised."""
+    return F.normalize(x.to(acc_dtype(x.dtype)), dim=-1, eps=NORM_EPS)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> [N, D] L2-normalised rows, computed in float32/64, returned in ``x.dtype``."""
+    return _unit(x).to(x.dtype)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, D], [B, D] -> [B] in the accumulation dtype: normalize(a)_i . normalize(b)_i."""
+    return (_unit(a) * _unit(b)).sum(-1)
+
+
+def info_nce_rows(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    neg_index: torch.Tensor | None,
+    temperature: float,
+    normalize: bool,
+) -> torch.Tensor:
+    """Unweighted per-row loss l [B] (accumulation dtype), fully materialised.
+
+    l_i = logsumexp({s_pos_i} U {q_i . n / tau for n in the row's negatives}) - s_pos_i.
+    """
+    acc = acc_dtype(query.dtype)
+    q, p, n = (t.to(acc) for t in (query, positive, negatives))
+    if normalize:
+        q, p, n = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (q, p, n))
+    s_pos = (q * p).sum(-1) / temperature
+    if neg_index is None:
+        s_neg = q @ n.t() / temperature  # [B, K]
+    else:
+        s_neg = torch.einsum("bd,bmd->bm", q, n[neg_index.long()]) / temperature  # [B, M]
+    logits = torch.cat([s_pos[:, None], s_neg], dim=1)
+    return torch.logsumexp(logits, dim=1) - s_pos
+
+
+def nce_rows(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    neg_index: torch.Tensor | None,
+    temperature: float,
+    normalize: bool,
+    num_data: int,
+) -> torch.Tensor:
+    """CRD's NCE critic per row [B]: h(s) = sigmoid(s/tau - log(K/num_data)), K negatives a row.
+
+    l_i = -log h(s_pos_i) - sum_k log(1 - h(s_ik)) = softplus(c - s_pos_i/tau) + sum_k softplus(s_ik/tau - c)
+    with c = log(K / num_data). Materialises B x K (plain autograd).
+    """
+    acc = acc_dtype(query.dtype)
+    q, p, n = (t.to(acc) for t in (query, positive, negatives))
+    if normalize:
+        q, p, n = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (q, p, n))
+    if neg_index is None:
+        s_neg = q @ n.t() / temperature
+    else:
+        s_neg = torch.einsum("bd,bmd->bm", q, n[neg_index.long()]) / temperature
+    c = torch.log(torch.tensor(s_neg.shape[1] / num_data, dtype=acc, device=q.device))
+    s_pos = (q * p).sum(-1) / temperature
+    return F.softplus(c - s_pos) + F.softplus(s_neg - c).sum(1)
+
+
+def _per_sample(v: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A per-sample [B] tensor viewed to broadcast over ``like`` [B, ...] in its dtype."""
+    if isinstance(v, torch.Tensor):
+        return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return v
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm over all non-batch dims, in the accumulation dtype, shaped to broadcast."""
+    n = x.to(acc_dtype(x.dtype)).flatten(1).norm(p=2, dim=1)
+    return n.view(-1, *([1] * (x.dim() - 1)))
+
+
+def pgd_step_(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_nat: torch.Tensor,
+    alpha: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    clip_min: float,
+    clip_max: float,
+    norm: str,
+) -> torch.Tensor:
+    """One PGD step in place on ``x_adv`` [B, ...]; returns ``x_adv``.
+
+    linf, in torchattacks' op order (bitwise):
+        x_adv <- clamp(x_nat + clamp(x_adv + alpha*sign(grad) - x_nat, -eps, eps), clip_min, clip_max)
+    l2: step alpha * grad / ||grad|| per sample (none where ||grad|| == 0), project the
+        perturbation onto the eps-ball (scale by min(1, eps/||delta||)), then clamp.
+    """
+    a = _per_sample(alpha, x_adv)
+    e = _per_sample(eps, x_adv)
+    if norm == "linf":
+        adv = x_adv + a * grad.sign()
+        delta = torch.clamp(adv - x_nat, min=-e, max=e)
+    else:
+        acc = acc_dtype(x_adv.dtype)
+        g_norm = _row_norms(grad)
+        unit = torch.where(g_norm > 0, grad.to(acc) / g_norm, torch.zeros((), dtype=acc, device=grad.device))
+        adv = x_adv.to(acc) + _per_sample(alpha, unit) * unit
+        delta = adv - x_nat.to(acc)
+        d_norm = _row_norms(delta)
+        e_acc = _per_sample(eps, delta)
+        scale = torch.where(d_norm > e_acc, e_acc / d_norm, 1.0)  # d_norm > e_acc >= 0 there
+        delta = (delta * scale).to(x_adv.dtype)
+    return x_adv.copy_(torch.clamp(x_nat + delta, clip_min, clip_max))
