@@ -1,0 +1,219 @@
+"""pgd_step_, PGD and FGSM: projections, torchattacks parity, mode restoration, no side effects."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gacd_fast
+from gacd_fast import FGSM, PGD
+
+
+def images(b=5, shape=(3, 7, 9), dtype=torch.float32):
+    return torch.rand(b, *shape, dtype=dtype)
+
+
+def torchattacks_linf_step(adv, grad, x, alpha, eps):
+    """torchattacks' PGD update, literally."""
+    adv = adv.detach() + alpha * grad.sign()
+    delta = torch.clamp(adv - x, min=-eps, max=eps)
+    return torch.clamp(x + delta, min=0, max=1).detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_linf_step_bitwise_torchattacks_order(dtype):
+    x = images(dtype=dtype)
+    adv = (x + (torch.rand_like(x.float()) * 0.06 - 0.03).to(dtype)).clamp(0, 1)
+    grad = torch.randn_like(x)
+    grad[0, 0, 0] = 0  # sign(0) = 0
+    want = torchattacks_linf_step(adv, grad, x, 2 / 255, 8 / 255)
+    out = gacd_fast.pgd_step_(adv, grad, x, alpha=2 / 255, eps=8 / 255)
+    assert out is adv and torch.equal(out, want)
+
+
+def test_linf_step_per_sample_tensors():
+    x, grad = images(), torch.randn(5, 3, 7, 9)
+    adv = x.clone()
+    alpha, eps = torch.tensor([0.0, 0.01, 0.02, 0.5, 0.1]), torch.tensor([0.0, 0.05, 0.01, 0.2, 0.1])
+    gacd_fast.pgd_step_(adv, grad, x, alpha=alpha, eps=eps)
+    for i in range(5):
+        want = torchattacks_linf_step(x[i], grad[i], x[i], float(alpha[i]), float(eps[i]))
+        torch.testing.assert_close(adv[i], want, rtol=0, atol=1e-7)
+    assert torch.equal(adv[0], x[0])
+
+
+def test_linf_step_clip_range():
+    x = torch.rand(4, 10) * 2 - 1
+    adv = x.clone()
+    gacd_fast.pgd_step_(adv, torch.randn(4, 10), x, alpha=0.3, eps=0.5, clip_min=-1, clip_max=1)
+    assert adv.min() >= -1 and adv.max() <= 1 and (adv - x).abs().max() <= 0.5 + 1e-7
+
+
+def test_l2_step_matches_definition():
+    torch.manual_seed(1)
+    x = images(dtype=torch.float64)
+    adv = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+    grad = torch.randn_like(x)
+    grad[2] = 0  # no step where ||grad|| == 0
+    start = adv.clone()
+    gacd_fast.pgd_step_(adv, grad, x, alpha=0.5, eps=0.3, norm="l2")
+    for i in range(5):
+        g = grad[i]
+        step = 0.5 * g / g.norm() if g.norm() > 0 else torch.zeros_like(g)
+        delta = start[i] + step - x[i]
+        delta = delta * min(1.0, 0.3 / float(delta.norm()))
+        torch.testing.assert_close(adv[i], (x[i] + delta).clamp(0, 1))
+    assert ((adv - x).flatten(1).norm(dim=1) <= 0.3 + 1e-9).all()
+
+
+def test_gradcheck_is_not_needed_but_step_is_in_place_only():
+    x = images()
+    adv = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match="x_adv"):
+        gacd_fast.pgd_step_(adv, torch.randn_like(x), x, alpha=0.1, eps=0.1)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, out=(4,), dropout=True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5) if dropout else nn.Identity()
+        self.fc = nn.Linear(4 * 7 * 9, 4)
+        self.tuple_out = False
+
+    def forward(self, x):
+        f = self.drop(F.relu(self.bn(self.conv(x)))).flatten(1)
+        logits = self.fc(f)
+        return (f, logits) if self.tuple_out else logits
+
+
+def torchattacks_pgd(model, x, y, eps, alpha, steps, start):
+    """torchattacks' PGD loop (eval mode), with a given random start."""
+    model.eval()
+    adv = torch.clamp(x + start, 0, 1).detach()
+    for _ in range(steps):
+        adv.requires_grad = True
+        cost = nn.CrossEntropyLoss()(model(adv), y)
+        grad = torch.autograd.grad(cost, adv)[0]
+        adv = adv.detach() + alpha * grad.sign()
+        delta = torch.clamp(adv - x, min=-eps, max=eps)
+        adv = torch.clamp(x + delta, min=0, max=1).detach()
+    return adv
+
+
+def test_pgd_identical_to_torchattacks_loop():
+    model = TinyNet()
+    x, y = images(8), torch.randint(4, (8,))
+    g = torch.Generator().manual_seed(3)
+    ours = PGD(model, eps=8 / 255, alpha=2 / 255, steps=7, generator=g)(x, y)
+    start = torch.empty_like(x).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, torchattacks_pgd(model, x, y, 8 / 255, 2 / 255, 7, start))
+
+
+def test_pgd_contract():
+    model = TinyNet()
+    model.train()
+    model.bn.eval()  # a mixed-mode model: every module's flag must come back as it was
+    flags = [m.training for m in model.modules()]
+    for p in model.parameters():
+        p.grad = None
+    x, y = images(6), torch.randint(4, (6,))
+    with torch.no_grad():  # works even when called under no_grad
+        adv = PGD(model, eps=0.05, alpha=0.02, steps=5)(x, y)
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not adv.requires_grad and adv.dtype == x.dtype
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x).abs().max() <= 0.05 + 1e-6
+
+
+def test_pgd_increases_loss_and_beats_fgsm_start():
+    torch.manual_seed(0)
+    model = TinyNet(dropout=False).eval()
+    x, y = images(32), torch.randint(4, (32,))
+    clean = F.cross_entropy(model(x), y)
+    adv = PGD(model, eps=0.1, alpha=0.02, steps=10)(x, y)
+    fgsm = FGSM(model, eps=0.1)(x, y)
+    assert F.cross_entropy(model(adv), y) > clean
+    assert F.cross_entropy(model(fgsm), y) > clean
+    assert (fgsm - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_fgsm_matches_torchattacks():
+    model = TinyNet(dropout=False).eval()
+    x, y = images(8), torch.randint(4, (8,))
+    xr = x.clone().requires_grad_()
+    grad = torch.autograd.grad(F.cross_entropy(model(xr), y), xr)[0]
+    want = torch.clamp(x + 0.03 * grad.sign(), 0, 1)
+    torch.testing.assert_close(FGSM(model, eps=0.03)(x, y), want, rtol=0, atol=1e-7)
+
+
+def test_pgd_l2_inside_ball_and_steps_zero():
+    model = TinyNet()
+    x, y = images(6), torch.randint(4, (6,))
+    adv = PGD(model, eps=0.5, alpha=0.2, steps=4, norm="l2")(x, y)
+    assert ((adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
+    assert torch.equal(PGD(model, steps=0, random_start=False)(x, y), x)
+
+
+def test_pgd_per_sample_eps_and_tuple_output_and_custom_loss():
+    model = TinyNet()
+    model.tuple_out = True
+    x, y = images(4), torch.randint(4, (4,))
+    eps = torch.tensor([0.0, 0.01, 0.05, 0.1])
+    adv = PGD(model, eps=eps, alpha=0.01, steps=3)(x, y)
+    assert ((adv - x).abs().flatten(1).amax(1) <= eps + 1e-6).all()
+    calls = []
+
+    def feature_loss(out, targets):
+        calls.append(targets)
+        return out[0].pow(2).sum()
+
+    adv2 = PGD(model, eps=0.05, alpha=0.01, steps=2, loss=feature_loss)(x, y)
+    assert len(calls) == 2 and (adv2 - x).abs().max() <= 0.05 + 1e-6
+
+
+def test_pgd_normalization():
+    model = TinyNet(dropout=False).eval()
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    x, y = images(4), torch.randint(4, (4,))
+    adv = PGD(model, eps=0.03, alpha=0.01, steps=3, random_start=False, normalization=(mean, std))(x, y)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    wrapped = nn.Sequential()
+    wrapped.forward = lambda z: model((z - m) / s)
+    want = torchattacks_pgd(wrapped, x, y, 0.03, 0.01, 3, torch.zeros_like(x))
+    assert torch.equal(adv, want)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(eps=-0.1), ValueError, "eps"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(steps=-1), ValueError, "steps"),
+    (dict(steps=2.5), TypeError, "steps"),
+    (dict(norm="l1"), ValueError, "norm"),
+    (dict(loss="mse"), ValueError, "loss"),
+    (dict(loss=3), TypeError, "loss"),
+    (dict(model_mode="test"), ValueError, "model_mode"),
+    (dict(normalization=([0.5], [0.0])), ValueError, "std"),
+    (dict(normalization=([0.5, 0.5], [0.1])), ValueError, "same length"),
+])
+def test_pgd_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PGD(TinyNet(), **kwargs)
+
+
+def test_pgd_bad_calls():
+    atk = PGD(TinyNet(), steps=1)
+    x, y = images(3), torch.randint(4, (3,))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        atk(x * 3, y)
+    with pytest.raises(ValueError, match="targets"):
+        atk(x, y[:2])
+    with pytest.raises(ValueError, match="eps"):
+        PGD(TinyNet(), eps=torch.tensor([0.1, -0.1, 0.1]))(x, y)
+    with pytest.raises(TypeError, match="model"):
+        PGD(lambda z: z)
+    odd = TinyNet()
+    odd.forward = lambda z: {"logits": z}
+    with pytest.raises(TypeError, match="logits"):
+        PGD(odd, steps=1)(x, y)
