@@ -91,6 +91,7 @@ def set_backend(name: str | None) -> None:
     """Select the backend for every later call ("auto", a backend name, or None to clear).
 
     An explicit name is checked now: selecting a backend that cannot run raises RuntimeError.
+    A graph already compiled by torch.compile keeps the backend chosen when it was traced.
     """
     global _selected
     if name is None:
@@ -113,15 +114,15 @@ def get_backend() -> str:
     return _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
-    """The (backend name, function) that runs ``op`` for tensors on ``device``."""
+# torch.compile evaluates the choice once, while tracing, and keeps the name as a constant: the lazy
+# imports and availability probes cannot be traced, a dict and attribute lookup can.
+@torch.compiler.assume_constant_result
+def _choose(op: str, device: torch.device, backend: str | None) -> str:
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         for cand in AUTO_ORDER:
-            if unavailable_reason(cand, device, auto=True) is None:
-                fn = getattr(_load(cand), op, None)
-                if fn is not None:
-                    return cand, fn
+            if unavailable_reason(cand, device, auto=True) is None and hasattr(_load(cand), op):
+                return cand
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch always can
     reason = unavailable_reason(name, device)
     if reason is not None:
@@ -129,8 +130,13 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[
             f"backend {name!r} cannot run on {device}: {reason}; "
             f"available for {device}: {available_backends(device)}"
         )
-    fn = getattr(_load(name), op, None)
-    if fn is None:
+    if not hasattr(_load(name), op):
         having = [n for n in available_backends(device) if hasattr(_load(n), op)]
         raise NotImplementedError(f"backend {name!r} does not implement {op}; backends that do: {having}")
-    return name, fn
+    return name
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+    """The (backend name, function) that runs ``op`` for tensors on ``device``."""
+    name = _choose(op, device, backend)
+    return name, getattr(_modules[name], op)
