@@ -8,7 +8,7 @@ map_kernels_package()
 
 from .attacks import FGSM, PGD
 from .backends import available_backends, get_backend, set_backend
-from .functional import cosine_similarity, info_nce, nce_loss, normalize, pgd_step_
+from .functional import cosine_similarity, info_nce, nce_loss, normalize, pgd_random_start, pgd_step_
 from .loss import Embed, GACDLoss
 from .memory import FeatureQueue, MemoryBank
 from .weighting import teacher_weights
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GACDLoss", "Embed", "MemoryBank", "FeatureQueue", "teacher_weights",
     "PGD", "FGSM",
-    "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_",
+    "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "pgd_random_start",
     "set_backend", "get_backend", "available_backends",
 ]

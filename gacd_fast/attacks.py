@@ -126,22 +126,6 @@ class PGD:
             x = (x - mean) / std
         return self.model(x)
 
-    def _random_start(self, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
-        g = self.generator
-        if self.norm == "linf":
-            if isinstance(eps, torch.Tensor):
-                e = eps.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-                noise = (torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * e
-            else:
-                noise = torch.empty_like(x).uniform_(-eps, eps, generator=g)
-        else:
-            direction = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-            n = direction.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x.dim() - 1)))
-            r = torch.rand(n.shape, generator=g, device=x.device, dtype=x.dtype)
-            e = eps.to(x.dtype).view_as(n) if isinstance(eps, torch.Tensor) else eps
-            noise = direction * (r / n * e)
-        return torch.clamp(x + noise, 0, 1)
-
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Adversarial images [B, ...] in [0, 1], detached, same dtype as ``images``."""
         return self.forward(images, targets)
@@ -160,7 +144,10 @@ class PGD:
         alpha = check_per_sample("alpha", self.alpha, images.shape[0], images.device)
         x_nat = images.detach()
         with model_mode(self.model, self.model_mode):
-            x_adv = self._random_start(x_nat, eps) if self.random_start else x_nat.clone()
+            if self.random_start:
+                x_adv = gf.pgd_random_start(x_nat, eps=eps, norm=self.norm, generator=self.generator, backend=self.backend)
+            else:
+                x_adv = x_nat.clone()
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():

@@ -28,7 +28,9 @@ from .ops import reference
 REDUCTIONS = ("none", "sum", "mean")
 NORMS = ("linf", "l2")
 
-__all__ = ["info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "weighted_reduce"]
+__all__ = [
+    "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "pgd_random_start", "weighted_reduce",
+]
 
 
 def weighted_reduce(loss: torch.Tensor, weights: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -203,3 +205,28 @@ def pgd_step_(
     check_option("norm", norm, NORMS)
     _, fn = backends.resolve("pgd_step_", x_adv.device, backend)
     return fn(x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm)
+
+
+def pgd_random_start(
+    x_nat: torch.Tensor,
+    *,
+    eps: float | torch.Tensor,
+    norm: str = "linf",
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A random start in the eps-ball around images ``x_nat`` [B, ...] in [0, 1], clamped to [0, 1].
+
+    linf: ``clamp(x + U(-eps, eps), 0, 1)``; l2: a uniform radius in [0, eps] along a random
+    direction. eps: a Python float or per-sample [B] tensor, >= 0. Reproducible for a given
+    ``generator`` state (the torch backend draws exactly torchattacks' start from it; the triton
+    backend draws its Philox seed from it).
+    """
+    check_tensor("x_nat", x_nat, min_ndim=1)
+    check_nonempty("x_nat", x_nat, (0,))
+    eps = check_per_sample("eps", eps, x_nat.shape[0], x_nat.device, nonneg=True)
+    check_option("norm", norm, NORMS)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _, fn = backends.resolve("pgd_random_start", x_nat.device, backend)
+    return fn(x_nat, eps, norm, generator)

@@ -110,6 +110,23 @@ def test_pgd_identical_to_torchattacks_loop():
     assert torch.equal(ours, torchattacks_pgd(model, x, y, 8 / 255, 2 / 255, 7, start))
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_in_ball_and_reproducible(norm):
+    x = images(16)
+    eps = 0.05 if norm == "linf" else 0.3
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a = gacd_fast.pgd_random_start(x, eps=eps, norm=norm, generator=g())
+    assert torch.equal(a, gacd_fast.pgd_random_start(x, eps=eps, norm=norm, generator=g()))
+    assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
+    dist = (a - x).abs().flatten(1).amax(1) if norm == "linf" else (a - x).flatten(1).norm(dim=1)
+    assert (dist <= eps + 1e-6).all()
+    per_sample = torch.linspace(0, 0.1, 16)
+    b = gacd_fast.pgd_random_start(x, eps=per_sample, norm=norm)
+    assert torch.equal(b[0], x[0])
+    with pytest.raises(TypeError, match="generator"):
+        gacd_fast.pgd_random_start(x, eps=0.1, generator=7)
+
+
 def test_pgd_contract():
     model = TinyNet()
     model.train()

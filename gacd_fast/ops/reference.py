@@ -130,3 +130,24 @@ def pgd_step_(
         scale = torch.where(d_norm > e_acc, e_acc / d_norm, 1.0)  # d_norm > e_acc >= 0 there
         delta = (delta * scale).to(x_adv.dtype)
     return x_adv.copy_(torch.clamp(x_nat + delta, clip_min, clip_max))
+
+
+def pgd_random_start(
+    x_nat: torch.Tensor, eps: float | torch.Tensor, norm: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """A random point of the eps-ball around ``x_nat`` [B, ...], clamped to [0, 1] (torchattacks'
+    starts): linf ``clamp(x + U(-eps, eps), 0, 1)``; l2 a random direction scaled to a uniform
+    radius in [0, eps]. ``generator`` makes it reproducible."""
+    g = generator
+    if norm == "linf":
+        if isinstance(eps, torch.Tensor):
+            noise = (torch.rand(x_nat.shape, generator=g, device=x_nat.device, dtype=x_nat.dtype) * 2 - 1)
+            noise = noise * _per_sample(eps, x_nat)
+        else:
+            noise = torch.empty_like(x_nat).uniform_(-eps, eps, generator=g)
+    else:
+        direction = torch.randn(x_nat.shape, generator=g, device=x_nat.device, dtype=x_nat.dtype)
+        n = direction.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x_nat.dim() - 1)))
+        r = torch.rand(n.shape, generator=g, device=x_nat.device, dtype=x_nat.dtype)
+        noise = direction * (r / n * _per_sample(eps, n))
+    return torch.clamp(x_nat + noise, 0, 1)

@@ -1,0 +1,244 @@
+"""Fused PGD step (linf, l2) and the linf random start, registered as torch.library ops.
+
+linf mirrors the reference (torchattacks' order) op for op, rounding to the image dtype after each
+torch op, so float32 results are bitwise equal:
+    step = round(alpha * sign(grad)); adv = round(x_adv + step); d = round(adv - x_nat)
+    delta = clamp(d, -eps, eps); out = clamp(round(x_nat + delta), clip_min, clip_max)
+(alpha*sign is exact in fp32, so an FMA contraction on a GPU cannot change it).
+l2 is two-phase: per-sample partial sums of squares (of grad, then of the stepped perturbation) are
+written per (sample, chunk) and summed in a fixed order by torch, then one elementwise pass applies
+step, projection and clamp. float64 images use the torch reference (Triton math here is fp32).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LIB, cdiv, interpreting, pow2
+
+
+@triton.jit
+def _rnd(v, dt: tl.constexpr):
+    """Round fp32 ``v`` to ``dt`` (round-to-nearest-even, also under the interpreter) and back to fp32."""
+    if dt == tl.float32:
+        return v
+    else:
+        return v.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+
+
+@triton.jit
+def _sign(g):
+    s = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    return tl.where(g != g, g, s)  # sign(nan) = nan, like torch
+
+
+@triton.jit
+def _pgd_linf_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, alpha_f, eps_f, lo, hi, numel, row_len,
+                     ALPHA_T: tl.constexpr, EPS_T: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    dt = x.dtype
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    row = offs // row_len
+    if ALPHA_T:
+        a = tl.load(alpha_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    else:
+        a = alpha_f
+    if EPS_T:
+        e = tl.load(eps_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    else:
+        e = eps_f
+    step = _rnd(a * _sign(g), dt)
+    adv = _rnd(x.to(tl.float32) + step, dt)
+    d = _rnd(adv - nat, dt)
+    # torch clamps against a Python scalar in fp32 (opmath) and rounds the result
+    delta = _rnd(tl.minimum(tl.maximum(d, -e), e), dt)
+    out = _rnd(nat + delta, dt)
+    out = _rnd(tl.minimum(tl.maximum(out, lo), hi), dt)
+    tl.store(x_ptr + offs, out.to(dt, fp_downcast_rounding="rtne") if dt != tl.float32 else out, mask=mask)
+
+
+@triton.jit
+def _l2_delta(x, g, nat, a, gnorm):
+    # reference: unit = grad / ||grad|| (0 where the norm is 0); adv = x + alpha*unit; delta = adv - nat
+    unit = tl.where(gnorm > 0, g / tl.where(gnorm > 0, gnorm, 1.0), 0.0)  # no 0/0 in dead lanes
+    return (x + a * unit) - nat
+
+
+@triton.jit
+def _l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gnorm_ptr, part_ptr, row_len, n_chunks,
+                       PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    """PHASE 0: partial sum of grad^2 per (sample, chunk); PHASE 1: of the stepped delta^2."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < row_len
+    offs = b * row_len + cols
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PHASE == 0:
+        v = g
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(alpha_ptr + b).to(tl.float32)
+        gn = tl.load(gnorm_ptr + b)
+        v = tl.where(mask, _l2_delta(x, g, nat, a, gn), 0.0)
+    tl.store(part_ptr + b * n_chunks + c, tl.sum(v * v, axis=0))
+
+
+@triton.jit
+def _l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gnorm_ptr, dnorm_ptr, lo, hi, row_len,
+                     BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < row_len
+    offs = b * row_len + cols
+    xr = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    dt = xr.dtype
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    nat_r = tl.load(nat_ptr + offs, mask=mask, other=0.0)
+    a = tl.load(alpha_ptr + b).to(tl.float32)
+    e = tl.load(eps_ptr + b).to(tl.float32)
+    gn = tl.load(gnorm_ptr + b)
+    dn = tl.load(dnorm_ptr + b)
+    delta = _l2_delta(xr.to(tl.float32), g, nat_r.to(tl.float32), a, gn)
+    scale = tl.where(dn > e, e / dn, 1.0)
+    delta = _rnd(delta * scale, dt)
+    out = _rnd(nat_r.to(tl.float32) + delta, dt)
+    out = _rnd(tl.minimum(tl.maximum(out, lo), hi), dt)
+    tl.store(x_ptr + offs, out.to(dt, fp_downcast_rounding="rtne") if dt != tl.float32 else out, mask=mask)
+
+
+@triton.jit
+def _linf_random_start_kernel(x_ptr, out_ptr, eps_ptr, eps_f, seed, numel, row_len,
+                              EPS_T: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if EPS_T:
+        e = tl.load(eps_ptr + offs // row_len, mask=mask, other=0.0).to(tl.float32)
+    else:
+        e = eps_f
+    r = tl.rand(seed, offs)  # Philox, keyed by (seed, flat element index): reproducible
+    noise = _rnd((r * 2.0 - 1.0) * e, x.dtype)
+    out = _rnd(x.to(tl.float32) + noise, x.dtype)
+    out = tl.minimum(tl.maximum(out, 0.0), 1.0)
+    tl.store(out_ptr + offs, _rnd(out, x.dtype).to(x.dtype), mask=mask)
+
+
+def _elementwise_block(numel: int) -> int:
+    # The interpreter's cost grows with the number of programs: use big blocks there.
+    return pow2(numel, 16, 1 << 16) if interpreting() else 1024
+
+
+def _row_block(row_len: int) -> int:
+    return pow2(row_len, 16, 1 << 16) if interpreting() else pow2(row_len, 16, 2048)
+
+
+def _per_sample_f32(v: Optional[torch.Tensor], f: float, batch: int, device: torch.device) -> torch.Tensor:
+    """[B] fp32 per-sample values: the tensor ``v``, else ``f`` for every sample."""
+    if v is not None:
+        return v.to(torch.float32).contiguous()
+    return torch.full((batch,), f, dtype=torch.float32, device=device)
+
+
+def _pgd_launch(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha_t: Optional[torch.Tensor],
+                alpha_f: float, eps_t: Optional[torch.Tensor], eps_f: float, clip_min: float, clip_max: float,
+                norm: str) -> None:
+    """Update ``x_adv`` [B, ...] (fp16/bf16/fp32) in place. Tensors alpha_t/eps_t [B] override the floats."""
+    x = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
+    g = grad.contiguous()
+    nat = x_nat.contiguous()
+    batch = x.shape[0]
+    numel = x.numel()
+    row_len = numel // batch
+    dt = x.dtype
+    lo, hi = float(clip_min), float(clip_max)
+    if norm == "linf":
+        a_t = alpha_t.to(dt).contiguous() if alpha_t is not None else None
+        e_t = eps_t.to(dt).contiguous() if eps_t is not None else None
+        block = _elementwise_block(numel)
+        _pgd_linf_kernel[(cdiv(numel, block),)](
+            x, g, nat, a_t if a_t is not None else x, e_t if e_t is not None else x,
+            float(alpha_f), float(eps_f), lo, hi, numel, row_len,
+            ALPHA_T=a_t is not None, EPS_T=e_t is not None, BLOCK=block,
+        )
+    else:
+        # l2: the reference converts tensor alpha/eps to the accumulation dtype (fp32), not the image dtype
+        a32 = _per_sample_f32(alpha_t, alpha_f, batch, x.device)
+        e32 = _per_sample_f32(eps_t, eps_f, batch, x.device)
+        block = _row_block(row_len)
+        chunks = cdiv(row_len, block)
+        part = torch.empty((batch, chunks), dtype=torch.float32, device=x.device)
+        grid = (batch, chunks)
+        _l2_partial_kernel[grid](x, g, nat, a32, a32, part, row_len, chunks, PHASE=0, BLOCK=block)
+        gnorm = part.sum(1).sqrt()  # fixed-order reduction of the partials: deterministic
+        _l2_partial_kernel[grid](x, g, nat, a32, gnorm, part, row_len, chunks, PHASE=1, BLOCK=block)
+        dnorm = part.sum(1).sqrt()
+        _l2_apply_kernel[grid](x, g, nat, a32, e32, gnorm, dnorm, lo, hi, row_len, BLOCK=block)
+    if x is not x_adv:
+        x_adv.copy_(x)
+
+
+@torch.library.custom_op(f"{LIB}::pgd_step_", mutates_args=("x_adv",))
+def _pgd_step_op(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha_t: Optional[torch.Tensor],
+                 alpha_f: float, eps_t: Optional[torch.Tensor], eps_f: float, clip_min: float, clip_max: float,
+                 norm: str) -> None:
+    if x_adv.dtype == torch.float64:  # Triton math here is fp32: float64 images use the reference
+        from gacd_fast.ops import reference
+
+        reference.pgd_step_(x_adv, grad, x_nat, alpha_t if alpha_t is not None else alpha_f,
+                            eps_t if eps_t is not None else eps_f, clip_min, clip_max, norm)
+        return
+    _pgd_launch(x_adv, grad, x_nat, alpha_t, alpha_f, eps_t, eps_f, clip_min, clip_max, norm)
+
+
+@_pgd_step_op.register_fake
+def _(x_adv, grad, x_nat, alpha_t, alpha_f, eps_t, eps_f, clip_min, clip_max, norm) -> None:
+    return None
+
+
+def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha: float | torch.Tensor,
+              eps: float | torch.Tensor, clip_min: float, clip_max: float, norm: str) -> torch.Tensor:
+    """One PGD step in place on ``x_adv`` [B, ...] (grad, x_nat alike); alpha/eps floats or [B]."""
+    a_t, a_f = (alpha, 0.0) if isinstance(alpha, torch.Tensor) else (None, float(alpha))
+    e_t, e_f = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
+    torch.ops.gacd_triton.pgd_step_(x_adv, grad, x_nat, a_t, a_f, e_t, e_f, float(clip_min), float(clip_max), norm)
+    return x_adv
+
+
+@torch.library.custom_op(f"{LIB}::linf_random_start", mutates_args=())
+def _linf_random_start_op(x_nat: torch.Tensor, eps_t: Optional[torch.Tensor], eps_f: float, seed: int) -> torch.Tensor:
+    x = x_nat.contiguous()
+    out = torch.empty_like(x)
+    numel = x.numel()
+    row_len = numel // x.shape[0]
+    e_t = eps_t.to(torch.float32).contiguous() if eps_t is not None else None
+    block = _elementwise_block(numel)
+    _linf_random_start_kernel[(cdiv(numel, block),)](
+        x, out, e_t if e_t is not None else x, float(eps_f), int(seed), numel, row_len,
+        EPS_T=e_t is not None, BLOCK=block,
+    )
+    return out
+
+
+@_linf_random_start_op.register_fake
+def _(x_nat, eps_t, eps_f, seed):
+    return torch.empty_like(x_nat, memory_format=torch.contiguous_format)
+
+
+def linf_random_start(x_nat: torch.Tensor, eps: float | torch.Tensor, seed: int) -> torch.Tensor:
+    """clamp(x_nat + U(-eps, eps), 0, 1) as a new tensor like ``x_nat`` [B, ...] (fp16/bf16/fp32).
+
+    The noise is Philox keyed by (seed, flat element index): the same seed gives the same result.
+    """
+    e_t, e_f = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
+    return torch.ops.gacd_triton.linf_random_start(x_nat, e_t, e_f, int(seed))

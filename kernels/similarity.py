@@ -1,0 +1,229 @@
+"""Row L2-normalisation and row-wise cosine similarity, forward and backward, as torch.library ops.
+
+``F.normalize`` semantics: y = x / max(||x||, 1e-12) with the norm in fp32; backward
+dx = (dy - y (y.dy)) / ||x|| where ||x|| > eps, dy / eps elsewhere (the clamp has no gradient).
+Each program owns BLOCK_R rows and loops over D in BLOCK_D chunks (two passes: norm, then write),
+so any D works. ``row_inv_norms`` is also used by the InfoNCE kernels (inverse norms computed
+once per row, applied inside their tiles). Inputs fp16/bf16/fp32; float64 is handled by the
+backend with the torch reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LIB, cdiv, interpreting, pow2
+
+NORM_EPS = 1e-12
+
+
+@triton.jit
+def _sumsq_dot(x_ptr, y_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_Y: tl.constexpr):
+    """Per row: sum x^2, sum y^2, sum x*y over D (fp32); rows are int64 [BLOCK_R]."""
+    ssx = tl.zeros([BLOCK_R], dtype=tl.float32)
+    ssy = tl.zeros([BLOCK_R], dtype=tl.float32)
+    xy = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        ssx += tl.sum(x * x, axis=1)
+        if WITH_Y:
+            y = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
+            ssy += tl.sum(y * y, axis=1)
+            xy += tl.sum(x * y, axis=1)
+    return ssx, ssy, xy
+
+
+@triton.jit
+def _inv_norm_kernel(x_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    ss, _, _ = _sumsq_dot(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
+    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(ss), 1e-12), mask=rmask)
+
+
+@triton.jit
+def _normalize_fwd_kernel(x_ptr, y_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    ss, _, _ = _sumsq_dot(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
+    den = tl.maximum(tl.sqrt(ss), 1e-12)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0)
+        y = x.to(tl.float32) / den[:, None]
+        tl.store(y_ptr + off, y.to(x.dtype), mask=m)
+
+
+@triton.jit
+def _normalize_bwd_kernel(x_ptr, dy_ptr, dx_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    ss, _, xdy = _sumsq_dot(x_ptr, dy_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
+    nrm = tl.sqrt(ss)
+    den = tl.maximum(nrm, 1e-12)
+    # y.dy / den with y = x/den, zero where the clamp is active (no gradient through max(., eps))
+    coef = tl.where(nrm > 1e-12, xdy / (den * den * den), 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0)
+        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        dx = dy / den[:, None] - x.to(tl.float32) * coef[:, None]
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cosine_fwd_kernel(a_ptr, b_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    ssa, ssb, ab = _sumsq_dot(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
+    cos = ab / (tl.maximum(tl.sqrt(ssa), 1e-12) * tl.maximum(tl.sqrt(ssb), 1e-12))
+    tl.store(out_ptr + rows, cos, mask=rmask)
+
+
+@triton.jit
+def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """da = g (b^ - a^ cos [||a|| > eps]) / max(||a||, eps), and symmetrically db."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    ssa, ssb, ab = _sumsq_dot(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
+    na = tl.sqrt(ssa)
+    nb = tl.sqrt(ssb)
+    da_ = tl.maximum(na, 1e-12)
+    db_ = tl.maximum(nb, 1e-12)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    cos = ab / (da_ * db_)
+    ca = tl.where(na > 1e-12, cos, 0.0)
+    cb = tl.where(nb > 1e-12, cos, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        a = tl.load(a_ptr + off, mask=m, other=0.0)
+        b = tl.load(b_ptr + off, mask=m, other=0.0)
+        ua = a.to(tl.float32) / da_[:, None]
+        ub = b.to(tl.float32) / db_[:, None]
+        gda = g[:, None] * (ub - ua * ca[:, None]) / da_[:, None]
+        gdb = g[:, None] * (ua - ub * cb[:, None]) / db_[:, None]
+        tl.store(da_ptr + off, gda.to(a.dtype), mask=m)
+        tl.store(db_ptr + off, gdb.to(b.dtype), mask=m)
+
+
+def _blocks(n_rows: int, d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D): whole small rows per program; the interpreter gets few, big programs."""
+    block_d = pow2(d, 16, 1024)
+    if interpreting():
+        return pow2(n_rows, 1, max(1, (1 << 16) // block_d)), block_d
+    return pow2(n_rows, 1, max(1, 4096 // block_d)), block_d
+
+
+def _launch_rows(kernel, n_rows: int, d: int, *args) -> None:
+    block_r, block_d = _blocks(n_rows, d)
+    kernel[(cdiv(n_rows, block_r),)](*args, n_rows, d, BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+def row_inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] (contiguous, fp16/bf16/fp32) -> [N] fp32 1 / max(||x_i||, 1e-12). Not differentiable."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _launch_rows(_inv_norm_kernel, x.shape[0], x.shape[1], x, out)
+    return out
+
+
+def normalize_backward(x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gradient through y = x / max(||x||, eps): x [N, D] any float, dy [N, D] (e.g. fp32) -> dx [N, D]."""
+    x, dy = x.contiguous(), dy.contiguous()
+    dx = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    _launch_rows(_normalize_bwd_kernel, x.shape[0], x.shape[1], x, dy, dx)
+    return dx
+
+
+@torch.library.custom_op(f"{LIB}::normalize", mutates_args=())
+def _normalize_op(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _launch_rows(_normalize_fwd_kernel, x.shape[0], x.shape[1], x, y)
+    return y
+
+
+@_normalize_op.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{LIB}::normalize_bwd", mutates_args=())
+def _normalize_bwd_op(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    return normalize_backward(x, dy, x.dtype)
+
+
+@_normalize_bwd_op.register_fake
+def _(x, dy):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _normalize_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _normalize_grad(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.gacd_triton.normalize_bwd(x, dy)
+
+
+_normalize_op.register_autograd(_normalize_grad, setup_context=_normalize_setup)
+
+
+@torch.library.custom_op(f"{LIB}::cosine_similarity", mutates_args=())
+def _cosine_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    _launch_rows(_cosine_fwd_kernel, a.shape[0], a.shape[1], a, b, out)
+    return out
+
+
+@_cosine_op.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIB}::cosine_similarity_bwd", mutates_args=())
+def _cosine_bwd_op(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b, g = a.contiguous(), b.contiguous(), g.contiguous()
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    _launch_rows(_cosine_bwd_kernel, a.shape[0], a.shape[1], a, b, g, da, db)
+    return da, db
+
+
+@_cosine_bwd_op.register_fake
+def _(a, b, g):
+    return (torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(b, memory_format=torch.contiguous_format))
+
+
+def _cosine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _cosine_grad(ctx, g):
+    a, b = ctx.saved_tensors
+    da, db = torch.ops.gacd_triton.cosine_similarity_bwd(a, b, g)
+    return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None)
+
+
+_cosine_op.register_autograd(_cosine_grad, setup_context=_cosine_setup)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] fp16/bf16/fp32 -> [N, D] rows / max(||row||, 1e-12) in ``x.dtype`` (norm in fp32)."""
+    return torch.ops.gacd_triton.normalize(x)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, D], [B, D] (fp16/bf16/fp32) -> [B] fp32 cosine of the L2-normalised rows."""
+    return torch.ops.gacd_triton.cosine_similarity(a, b)
