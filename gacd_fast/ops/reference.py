@@ -117,8 +117,9 @@ def pgd_step_(
     a = _per_sample(alpha, x_adv)
     e = _per_sample(eps, x_adv)
     if norm == "linf":
-        adv = x_adv + a * grad.sign()
-        delta = torch.clamp(adv - x_nat, min=-e, max=e)
+        # One temporary, in place; each op rounds exactly as torchattacks' out-of-place chain
+        # (adv = x_adv + a*sign(g); delta = clamp(adv - x_nat, -e, e); clamp(x_nat + delta, ...)).
+        delta = grad.sign().mul_(a).add_(x_adv).sub_(x_nat).clamp_(min=-e, max=e)
     else:
         acc = acc_dtype(x_adv.dtype)
         g_norm = _row_norms(grad)
@@ -129,7 +130,7 @@ def pgd_step_(
         e_acc = _per_sample(eps, delta)
         scale = torch.where(d_norm > e_acc, e_acc / d_norm, 1.0)  # d_norm > e_acc >= 0 there
         delta = (delta * scale).to(x_adv.dtype)
-    return x_adv.copy_(torch.clamp(x_nat + delta, clip_min, clip_max))
+    return torch.clamp(delta.add_(x_nat), clip_min, clip_max, out=x_adv)
 
 
 def pgd_random_start(

@@ -1,0 +1,79 @@
+"""Turn benchmark CSVs into PNGs: per op and metric, value vs size, one line per provider.
+
+    python benchmarks/plot.py benchmarks/results/*.csv     # writes benchmarks/plots/*.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOTS = Path(__file__).resolve().parent / "plots"
+SIZE_KEYS = ("K", "N", "M", "B")  # the first that varies within a group is the x axis
+
+
+def load(paths: list[Path]) -> list[dict]:
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def plot(rows: list[dict], out: Path = PLOTS) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["metric"], r["mode"], r["dtype"], r["device"])].append(r)
+    written = []
+    for (op, metric, mode, dtype, device), grp in groups.items():
+        x_key = next((k for k in SIZE_KEYS if len({r[k] for r in grp}) > 1), None) or next(
+            (k for k in SIZE_KEYS if grp[0][k]), "B")
+        fixed = {k: grp[0][k] for k in "BKMDN" if k != x_key and len({r[k] for r in grp}) == 1 and grp[0][k]}
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        by_provider: dict[str, list[dict]] = defaultdict(list)
+        for r in grp:
+            # one line per provider and per extra varying shape field (e.g. D, B)
+            other = ",".join(f"{k}={r[k]}" for k in "BKMDN" if k != x_key and k not in fixed and r[k])
+            by_provider[r["provider"] + (f" ({other})" if other else "")].append(r)
+        for label, pts in sorted(by_provider.items()):
+            pts = sorted(pts, key=lambda r: float(r[x_key] or 0))
+            xs = [float(r[x_key] or 0) for r in pts]
+            ys = [float(r["p50"]) for r in pts]
+            lo = [y - float(r["p20"]) for y, r in zip(ys, pts)]
+            hi = [float(r["p80"]) - y for y, r in zip(ys, pts)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        if metric in ("time", "peak_memory"):
+            ax.set_yscale("log")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(f"{metric} ({grp[0]['unit']})")
+        ax.set_title(f"{op} {mode} {dtype} {' '.join(f'{k}={v}' for k, v in fixed.items())}\n{device}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        dev = "cuda" if "cpu" not in device else "cpu"
+        path = out / f"{op}_{metric}_{mode}_{dtype}_{dev}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csvs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=PLOTS)
+    args = ap.parse_args()
+    for p in plot(load(args.csvs), args.out):
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
