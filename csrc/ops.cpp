@@ -1,0 +1,146 @@
+// The gacd_fast operator library: every op's schema, defined once, and the argument checks shared
+// by the CPU and CUDA kernels. Implementations register per device in cpu/*.cpp and cuda/*.cu;
+// fake (meta) kernels and autograd formulas are registered from Python
+// (gacd_fast/ops/cext_backend.py).
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace gacd_fast {
+
+namespace {
+
+bool is_float(const at::Tensor& t) {
+  auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+void check_float(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "gacd_fast: ", name, " is undefined");
+  TORCH_CHECK(is_float(t), "gacd_fast: ", name, " must be float16/bfloat16/float32/float64, got ", t.scalar_type());
+}
+
+void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), "gacd_fast: ", name,
+              " must have shape [B] = [", x.size(0), "], got ", t.sizes());
+  TORCH_CHECK(is_float(t), "gacd_fast: ", name, " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "gacd_fast: ", name, " is on ", t.device(), " but x_adv is on ", x.device());
+}
+
+}  // namespace
+
+void check_rows(const char* name, const at::Tensor& x) {
+  check_float(name, x);
+  TORCH_CHECK(x.dim() == 2, "gacd_fast: ", name, " must be 2-D [N, D], got shape ", x.sizes());
+}
+
+void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_rows("a", a);
+  check_rows("b", b);
+  TORCH_CHECK(a.sizes() == b.sizes(), "gacd_fast.", op, ": a and b must have the same shape, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gacd_fast.", op, ": a and b must have one dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "gacd_fast.", op, ": a and b must be on one device, got ", a.device(),
+              " and ", b.device());
+}
+
+bool check_pgd_inputs(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                      const c10::optional<at::Tensor>& alpha_t, const c10::optional<at::Tensor>& eps_t,
+                      double eps, double clip_min, double clip_max, const std::string& norm) {
+  check_float("x_adv", x_adv);
+  check_float("grad", grad);
+  check_float("x_nat", x_nat);
+  TORCH_CHECK(x_adv.dim() >= 1 && x_adv.size(0) > 0, "gacd_fast.pgd_step_: x_adv must be [B, ...] with B > 0, got ",
+              x_adv.sizes());
+  TORCH_CHECK(grad.sizes() == x_adv.sizes() && x_nat.sizes() == x_adv.sizes(),
+              "gacd_fast.pgd_step_: grad and x_nat must have x_adv's shape ", x_adv.sizes(), ", got ", grad.sizes(),
+              " and ", x_nat.sizes());
+  TORCH_CHECK(grad.scalar_type() == x_adv.scalar_type() && x_nat.scalar_type() == x_adv.scalar_type(),
+              "gacd_fast.pgd_step_: x_adv, grad and x_nat must have one dtype, got ", x_adv.scalar_type(), ", ",
+              grad.scalar_type(), ", ", x_nat.scalar_type());
+  TORCH_CHECK(grad.device() == x_adv.device() && x_nat.device() == x_adv.device(),
+              "gacd_fast.pgd_step_: x_adv, grad and x_nat must be on one device");
+  TORCH_CHECK(x_adv.is_contiguous(), "gacd_fast.pgd_step_: x_adv must be contiguous (it is written in place)");
+  if (has(alpha_t)) check_per_sample("alpha", *alpha_t, x_adv);
+  if (has(eps_t)) check_per_sample("eps", *eps_t, x_adv);
+  else TORCH_CHECK(eps >= 0, "gacd_fast.pgd_step_: eps must be >= 0, got ", eps);
+  TORCH_CHECK(clip_min <= clip_max, "gacd_fast.pgd_step_: clip_min must be <= clip_max, got ", clip_min, " > ",
+              clip_max);
+  TORCH_CHECK(norm == "linf" || norm == "l2", "gacd_fast.pgd_step_: norm must be 'linf' or 'l2', got '", norm, "'");
+  return norm == "linf";
+}
+
+void check_info_nce_inputs(const at::Tensor& query, const at::Tensor& positive, const at::Tensor& negatives,
+                           const c10::optional<at::Tensor>& neg_index, double temperature) {
+  check_rows("query", query);
+  check_rows("positive", positive);
+  check_rows("negatives", negatives);
+  TORCH_CHECK(query.size(0) > 0 && query.size(1) > 0, "gacd_fast.info_nce: query must be non-empty [B, D], got ",
+              query.sizes());
+  TORCH_CHECK(positive.sizes() == query.sizes(), "gacd_fast.info_nce: positive must have query's shape ",
+              query.sizes(), ", got ", positive.sizes());
+  TORCH_CHECK(negatives.size(0) > 0 && negatives.size(1) == query.size(1),
+              "gacd_fast.info_nce: negatives must be [K, D] with K > 0 and D = ", query.size(1), ", got ",
+              negatives.sizes());
+  TORCH_CHECK(positive.scalar_type() == query.scalar_type() && negatives.scalar_type() == query.scalar_type(),
+              "gacd_fast.info_nce: query, positive and negatives must have one dtype, got ", query.scalar_type(),
+              ", ", positive.scalar_type(), ", ", negatives.scalar_type());
+  TORCH_CHECK(positive.device() == query.device() && negatives.device() == query.device(),
+              "gacd_fast.info_nce: query, positive and negatives must be on one device, got ", query.device(), ", ",
+              positive.device(), ", ", negatives.device());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "gacd_fast.info_nce: temperature must be > 0, got ",
+              temperature);
+  if (has(neg_index)) {
+    const auto& idx = *neg_index;
+    TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+                "gacd_fast.info_nce: neg_index must be int32 or int64, got ", idx.scalar_type());
+    TORCH_CHECK(idx.dim() == 2 && idx.size(0) == query.size(0) && idx.size(1) > 0,
+                "gacd_fast.info_nce: neg_index must be [B, M] with B = ", query.size(0), " and M > 0, got ",
+                idx.sizes());
+    TORCH_CHECK(idx.device() == query.device(), "gacd_fast.info_nce: neg_index is on ", idx.device(),
+                " but query is on ", query.device());
+  }
+}
+
+void check_info_nce_backward(const at::Tensor& grad, const at::Tensor& query, const at::Tensor& positive,
+                             const c10::optional<at::Tensor>& negatives, const c10::optional<at::Tensor>& neg_index,
+                             const at::Tensor& lse, const c10::optional<at::Tensor>& dq_neg, double temperature,
+                             bool need_negatives) {
+  const int64_t B = query.size(0);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "gacd_fast.info_nce_backward: grad must be [B] = [", B,
+              "], got ", grad.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == B, "gacd_fast.info_nce_backward: lse must be [B], got ", lse.sizes());
+  const bool have_dq = has(dq_neg) && dq_neg->numel() > 0;
+  TORCH_CHECK(has(negatives) || (have_dq && !need_negatives),
+              "gacd_fast.info_nce_backward: negatives are required unless dq_neg is given and no negatives' "
+              "gradient is asked for");
+  if (have_dq)
+    TORCH_CHECK(dq_neg->sizes() == query.sizes(), "gacd_fast.info_nce_backward: dq_neg must be [B, D], got ",
+                dq_neg->sizes());
+  if (has(negatives)) check_info_nce_inputs(query, positive, *negatives, neg_index, temperature);
+  TORCH_CHECK(grad.device() == query.device() && lse.device() == query.device(),
+              "gacd_fast.info_nce_backward: grad and lse must be on query's device");
+}
+
+}  // namespace gacd_fast
+
+TORCH_LIBRARY(gacd_fast, m) {
+  // In place on x_adv. alpha/eps: a per-sample tensor [B] when given, else the float.
+  m.def("pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? alpha_t, float alpha, Tensor? eps_t, "
+        "float eps, float clip_min, float clip_max, str norm) -> ()");
+  m.def("normalize(Tensor x) -> Tensor");
+  m.def("normalize_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("cosine_similarity(Tensor a, Tensor b) -> Tensor");
+  m.def("cosine_similarity_backward(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // Returns (loss [B], lse [B] over {s_pos} U negatives, dq_neg): dq_neg is
+  // d lse / d q_hat from the negatives ([B, D], accumulation dtype) when compute_dq, else empty.
+  m.def("info_nce_forward(Tensor query, Tensor positive, Tensor negatives, Tensor? neg_index, float temperature, "
+        "bool normalize, bool compute_dq) -> (Tensor, Tensor, Tensor)");
+  // Returns (d query, d positive, d negatives), each empty where not asked for.
+  m.def("info_nce_backward(Tensor grad, Tensor query, Tensor positive, Tensor? negatives, Tensor? neg_index, "
+        "Tensor lse, Tensor? dq_neg, float temperature, bool normalize, bool need_query, bool need_positive, "
+        "bool need_negatives) -> (Tensor, Tensor, Tensor)");
+}
