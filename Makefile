@@ -2,10 +2,12 @@
 # carry (an unpinned torch pulls the CUDA build) and triton to the version torch 2.13 expects.
 PY      := .venv/bin/python
 PINS    := torch==2.13.0 triton==3.7.1
-TOOLS   := numpy pytest hypothesis pytest-benchmark ninja scikit-learn
+TOOLS   := numpy pytest hypothesis pytest-benchmark ninja scikit-learn tqdm pyyaml matplotlib
+# Peers for the benchmarks; --no-deps: their requirements would pull torchvision and a CUDA torch.
+PEERS   := torchattacks==3.5.1 pytorch-metric-learning==2.9.0 scipy requests
 STAMP   := .venv/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean ext
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -14,10 +16,20 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gacd_fast.demo
+	$(PY) -m gacd_fast demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Compile the C++ extension ahead of time (gacd_fast/_C*.so, in place for the editable install);
+# without it the cext backend compiles JIT on first explicit use. CUDA sources only with a CUDA torch.
+ext: $(STAMP)
+	MAX_JOBS=$${MAX_JOBS:-2} GACD_FAST_BUILD_EXT=1 $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+
+# The benchmark suite, small shapes (--quick) on a CPU, all shapes on a GPU; CSVs in benchmarks/results/.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(PEERS)
+	$(PY) benchmarks/run_all.py $$( $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')" )
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -1,0 +1,332 @@
+"""Run configurations: dataclasses whose fields are the CLI options (with their help text),
+loadable from YAML or JSON (``--config``) and written next to the results.
+
+A field left at ``None`` takes the dataset's default from :data:`DATASET_DEFAULTS` (see
+:func:`resolve`); each default there cites the recipe it comes from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .atomic import atomic_write_text
+
+DATASET_CHOICES = ("digits", "cifar10", "cifar100", "stl10")
+MODEL_CHOICES = ("small_cnn_teacher", "small_cnn_student", "resnet18", "preact_resnet18", "wrn_34_10", "mobilenetv2")
+STUDENT_CHOICES = ("natural", "at", "ard", "gacd", "gacd_noweight")
+TEACHER_METHOD_CHOICES = ("at", "trades")
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# Per-dataset defaults, used for fields left at None.
+# Digits eps, measured (PGD-20, step eps/4, 360 test images; small CNNs, 10-15 epochs, PGD-5 training
+# at 0.2): eps 0.10 natural 27% / PGD-trained teacher 91%; 0.15: 1% / 80%; 0.20: 0% / 61%;
+# 0.25: 0% / 33%; 0.30: 0% / 8%. 0.2 is where the natural model has collapsed and the teacher
+# keeps real robustness.
+DIGITS_EPS = 0.2
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(
+        # 8x8 images in [0, 1]: eps 0.2 (see DIGITS_EPS); step eps/4 as CIFAR's 2/255 of 8/255;
+        # PGD-5 and 12 epochs keep the demo to a few CPU minutes.
+        eps=DIGITS_EPS, alpha=DIGITS_EPS / 4, attack_steps=5,
+        batch_size=64, epochs=12, lr=0.05, momentum=0.9, weight_decay=5e-4,
+        teacher_model="small_cnn_teacher", student_model="small_cnn_student",
+        # 1,437 training samples: 16,384 negatives would repeat every row ~11 times. tau stays CRD's 0.07:
+        # measured (teacher from the demo, GACD student 12 epochs, PGD-20 at 0.2 on the 360 test images,
+        # one seed; 1 image = 0.28%): tau 0.07/K 1024 50.8%, tau 0.2 51.4%, tau 0.5 52.2%, K 64 51.4%,
+        # K 256 50.8%, tau 0.2/K 256 52.2%, tau 0.5/K 64 51.7%, memory momentum 0.9 49.2%, symmetric
+        # (CRD's two-sided) loss 49.7%, and gacd_weight 0 (adversarial CE only) 51.4%: no setting moves
+        # robust accuracy beyond the noise, so the contrastive term does not contribute on digits. In
+        # every run its value climbs back to ~log(K+1) in the second half (after the first lr drop), as
+        # the memory fills with teacher embeddings whose same-class rows are near-identical.
+        num_negatives=1024,
+        # ARD's element-wise mean KL is (batchmean KL)/C: with T=30 and 12 epochs the student stays at
+        # ~30% clean accuracy (measured); ARD compensates with 200 epochs (RSLAD multiplies by 10 on
+        # CIFAR-100). batchmean (x C) reaches ~96% clean / ~51% PGD-20 in 12 epochs.
+        ard_kl_reduction="batchmean",
+        transfer="digits-transposed",
+        # the transfer probe is attacked at eps/2: on the transposed digits every backbone's probe
+        # (the teacher's too) falls to ~0% at eps 0.2, while at 0.1 robust and natural features differ
+        # (measured: teacher 38%, GACD 31%, natural 0.3%)
+        probe_eps=DIGITS_EPS / 2,
+    ),
+    "cifar10": dict(
+        # ARD main.py: PGD-10, eps 8/255, step 2/255; SGD lr 0.1, momentum 0.9, wd 2e-4, 200 epochs, batch 128
+        eps=8 / 255, alpha=2 / 255, attack_steps=10,
+        batch_size=128, epochs=200, lr=0.1, momentum=0.9, weight_decay=2e-4,
+        # ARD README: TRADES WRN-34-10 teacher; ResNet-18 / MobileNetV2 students
+        teacher_model="wrn_34_10", student_model="resnet18",
+        num_negatives=16384,  # CRD train_student.py: nce_k=16384
+        ard_kl_reduction="mean",  # ARD main.py: nn.KLDivLoss() default (element-wise) mean
+        transfer="stl10", probe_eps=8 / 255,
+    ),
+    "cifar100": dict(
+        eps=8 / 255, alpha=2 / 255, attack_steps=10,
+        batch_size=256,  # ARD main.py: batch 256 on CIFAR-100
+        epochs=200, lr=0.1, momentum=0.9, weight_decay=2e-4,
+        teacher_model="wrn_34_10", student_model="resnet18", num_negatives=16384, transfer="stl10",
+        ard_kl_reduction="mean", probe_eps=8 / 255,
+    ),
+    "stl10": dict(
+        eps=8 / 255, alpha=2 / 255, attack_steps=10, batch_size=128, epochs=200, lr=0.1, momentum=0.9,
+        weight_decay=2e-4, teacher_model="wrn_34_10", student_model="resnet18", num_negatives=4096,
+        ard_kl_reduction="mean", transfer="none", probe_eps=8 / 255,
+    ),
+}
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by every subcommand."""
+
+    dataset: str = opt("digits", "dataset: digits (embedded, scikit-learn) | cifar10 | cifar100 | stl10 (the last three read from --data-dir, never downloaded)", choices=DATASET_CHOICES)
+    data_dir: str | None = opt(None, "folder with the dataset files (cifar-10-batches-py/, cifar-100-python/ or stl10_binary/, or those folders themselves)")
+    out_dir: str = opt("runs/out", "output folder: checkpoints, config.json/yaml, results (CSV, JSON, PNG) and the log", flag="--out", aliases=("--out-dir",))
+    seed: int = opt(0, "random seed (data split, initialisation, attacks' random starts)")
+    device: str = opt("auto", "torch device: auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    batch_size: int | None = opt(None, "batch size (default per dataset: digits 64, CIFAR-10 128, CIFAR-100 256 as ARD)")
+    train_limit: int | None = opt(None, "use only this many training samples (a seeded subset; for quick runs)")
+    test_limit: int | None = opt(None, "use only this many test samples (a seeded subset; for quick runs)")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
+    resume: bool = opt(False, "continue an interrupted run in --out: finished models are reused, a model in training restarts from its last per-epoch checkpoint (<name>.state.pt) and ends with the same numbers as an uninterrupted run")
+    progress: bool = opt(True, "tqdm progress bars on stderr (--no-progress: off); the per-epoch lines go to stdout and log.txt either way")
+    deterministic: bool = opt(True, "torch.use_deterministic_algorithms (warn_only) and no cuDNN autotuning during training, so that runs repeat exactly")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and training-attack fields (training subcommands)."""
+
+    epochs: int | None = opt(None, "training epochs (default: digits 12, CIFAR 200 as ARD)")
+    lr: float | None = opt(None, "SGD learning rate (default: digits 0.05, CIFAR 0.1 as ARD)")
+    momentum: float | None = opt(None, "SGD momentum (default 0.9, ARD)")
+    weight_decay: float | None = opt(None, "weight decay (default: digits 5e-4, CIFAR 2e-4 as ARD)")
+    lr_milestones: list[float] = opt([0.5, 0.75], "lr x0.1 at these fractions of the epochs (ARD: epochs 100 and 150 of 200)", nargs="+")
+    eps: float | None = opt(None, "L-inf radius of the training attack (default: digits 0.2, CIFAR 8/255)")
+    alpha: float | None = opt(None, "PGD step size of the training attack (default: eps/4, i.e. 2/255 on CIFAR)")
+    attack_steps: int | None = opt(None, "PGD steps of the training attack (default: digits 5, CIFAR 10 as ARD)")
+
+
+@dataclass
+class TeacherConfig(RunConfig, OptimConfig):
+    """train-teacher: adversarially train the teacher."""
+
+    out_dir: str = opt("runs/teacher", "output folder (teacher.pt, config, log)", flag="--out", aliases=("--out-dir",))
+    model: str | None = opt(None, "teacher architecture (default: digits small_cnn_teacher, CIFAR wrn_34_10)", choices=MODEL_CHOICES)
+    method: str = opt("at", "at (PGD adversarial training, Madry et al.) | trades (Zhang et al.)", choices=TEACHER_METHOD_CHOICES)
+    trades_beta: float = opt(6.0, "TRADES beta (TRADES README: 6.0 for CIFAR-10)")
+
+
+@dataclass
+class DistillConfig(RunConfig, OptimConfig):
+    """distill: train a student with or without the frozen teacher."""
+
+    out_dir: str = opt("runs/distill", "output folder (<name>.pt, config, log)", flag="--out", aliases=("--out-dir",))
+    teacher: str | None = opt(None, "teacher checkpoint (from train-teacher); needed by ard, gacd and gacd_noweight")
+    student: str | None = opt(None, "student architecture (default: digits small_cnn_student, CIFAR resnet18)", choices=MODEL_CHOICES)
+    method: str = opt("gacd", "natural | at (PGD adversarial training) | ard | gacd | gacd_noweight (GACD with weighting=none, the ablation)", choices=STUDENT_CHOICES)
+    name: str | None = opt(None, "checkpoint name (default: the method)")
+    ard_temperature: float = opt(30.0, "ARD distillation temperature T (ARD main.py: 30)")
+    ard_alpha: float = opt(1.0, "ARD weight of the KL term; 1-alpha weights clean CE (ARD main.py: 1.0)")
+    ard_kl_reduction: str | None = opt(None, "ARD KL reduction: mean (element-wise, ARD's code; default on CIFAR) | batchmean (x classes; default on digits, where 'mean' does not converge in a few epochs)", choices=("mean", "batchmean"))
+    embed_dim: int = opt(128, "GACD embedding width (CRD: feat_dim 128)")
+    num_negatives: int | None = opt(None, "GACD negatives per sample from the memory (CRD: nce_k 16384; digits 1024)")
+    nce_temperature: float = opt(0.07, "GACD contrastive temperature tau (CRD: nce_t 0.07)")
+    nce_momentum: float = opt(0.5, "GACD memory momentum (CRD: nce_m 0.5)")
+    weighting: str = opt("confidence", "GACD sample reweighting: confidence (teacher's true-class prob) | correct | none", choices=("confidence", "correct", "none"))
+    gacd_weight: float = opt(1.0, "weight of the GACD contrastive loss (CRD recommends beta 0.8; tuned on digits)")
+    ce_weight: float = opt(1.0, "weight of the student's cross-entropy term in GACD")
+    ce_input: str = opt("adv", "GACD's CE term on the adversarial (adv) or clean (clean) input", choices=("adv", "clean"))
+    attack_objective: str = opt("ce", "GACD training attack: ce (student CE, ARD style) | guided (maximise the GACD loss against the teacher's clean anchors)", choices=("ce", "guided"))
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    """evaluate: clean/FGSM/PGD-20/CW accuracy, CKA to the teacher, transfer probe."""
+
+    out_dir: str = opt("runs/eval", "output folder (results.csv/json/png, robust_vs_eps.png, training_curves.png, curves.json)", flag="--out", aliases=("--out-dir",))
+    checkpoints: list[str] = opt([], "checkpoints to evaluate (.pt from train-teacher/distill)", nargs="*")
+    teacher: str | None = opt(None, "teacher checkpoint: the reference of the CKA column (also evaluated)")
+    eps: float | None = opt(None, "L-inf radius of every attack (default: digits 0.2, CIFAR 8/255)")
+    alpha: float | None = opt(None, "PGD/CW step (default eps/4: 2/255 on CIFAR)")
+    pgd_steps: int = opt(20, "PGD steps (PGD-20)")
+    cw_steps: int = opt(30, "steps of the CW-inf attack (PGD on the CW margin loss)")
+    transfer: str | None = opt(None, "transfer probe task: none | digits-transposed | stl10 (default: digits -> digits-transposed, CIFAR -> stl10 when --transfer-data-dir is given)", choices=("none", "digits-transposed", "stl10"))
+    transfer_data_dir: str | None = opt(None, "folder with stl10_binary/ for the CIFAR transfer probe (default: --data-dir)")
+    probe_epochs: int = opt(60, "epochs of the linear probe on frozen features")
+    eps_sweep: int = opt(5, "points of the robust-accuracy-vs-eps plot: PGD-(--pgd-steps) on the test set at eps 0 .. 1.5 x --eps (0: no sweep)")
+    probe_eps: float | None = opt(None, "L-inf radius of the PGD attack on the transfer probe (default: digits 0.1 = eps/2, CIFAR 8/255)")
+
+
+@dataclass
+class DemoConfig(RunConfig):
+    """demo: the whole recipe on the digits in a few minutes of CPU."""
+
+    out_dir: str = opt("runs/demo", "output folder", flag="--out", aliases=("--out-dir",))
+    teacher_method: str = opt("at", "at | trades", choices=TEACHER_METHOD_CHOICES)
+    teacher_epochs: int = opt(15, "teacher epochs")
+    student_epochs: int = opt(12, "epochs of each student")
+    methods: list[str] = opt(list(STUDENT_CHOICES), "students to train", nargs="+", choices=STUDENT_CHOICES)
+    eps: float | None = opt(None, "L-inf radius for training and evaluation (default: digits 0.2)")
+    attack_steps: int | None = opt(None, "PGD steps of the training attacks (default 5 on digits)")
+    lr: float | None = opt(None, "SGD learning rate (default 0.05)")
+    gacd_weight: float = opt(1.0, "weight of the GACD loss")
+    ce_input: str = opt("adv", "GACD's CE term on adv or clean input", choices=("adv", "clean"))
+    attack_objective: str = opt("ce", "GACD training attack: ce | guided", choices=("ce", "guided"))
+    probe_epochs: int = opt(60, "epochs of the transfer linear probe")
+    eps_sweep: int = opt(5, "points of the robust-accuracy-vs-eps plot (PGD-20 at eps 0 .. 1.5 x eps; 0: none)")
+
+
+# --------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A configuration value of the wrong type, out of range or not among the choices."""
+
+
+# value ranges checked by validate(): name -> (minimum, strictly greater)
+_RANGES: dict[str, tuple[float, bool]] = {
+    **{n: (1, False) for n in ("epochs", "batch_size", "train_limit", "test_limit", "threads", "embed_dim",
+                                "num_negatives", "teacher_epochs", "student_epochs")},
+    **{n: (0, False) for n in ("attack_steps", "pgd_steps", "cw_steps", "probe_epochs", "eps", "alpha", "probe_eps",
+                                "weight_decay", "momentum", "eps_sweep", "gacd_weight", "ce_weight", "trades_beta",
+                                "ard_alpha", "nce_momentum", "seed")},
+    **{n: (0, True) for n in ("lr", "nce_temperature", "ard_temperature")},
+}
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    """Raise ConfigError unless ``value`` fits the annotation ``hint`` (bool, int, float, str,
+    list[...], X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _check_value(name, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"option {name!r} must be a list of {_type_name(args[0])}, got {value!r} ({type(value).__name__})")
+        for v in value:
+            _check_value(name, v, args[0])
+        return
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        str: lambda v: isinstance(v, str),
+    }.get(hint)
+    if ok is not None and not ok(value):
+        raise ConfigError(f"option {name!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def validate(cfg: Any) -> Any:
+    """Check every field of ``cfg`` against its type, its choices and its range; returns ``cfg``.
+    The error names the option, what was expected and what came."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        _check_value(f.name, value, hints[f.name])
+        choices = f.metadata.get("choices")
+        if choices is not None and value is not None:
+            for v in value if isinstance(value, list) else [value]:
+                if v not in choices:
+                    raise ConfigError(f"option {f.name!r}: unknown value {v!r}; choose from {list(choices)}")
+        if f.name in _RANGES and value is not None:
+            lo, strict = _RANGES[f.name]
+            if value < lo or (strict and value == lo):
+                raise ConfigError(f"option {f.name!r} must be {'>' if strict else '>='} {lo}, got {value!r}")
+    if getattr(cfg, "methods", None) == []:
+        raise ConfigError("option 'methods' needs at least one student method")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# config-file spellings accepted for a field (the CLI flag names)
+KEY_ALIASES = {"out": "out_dir"}
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build ``cls`` from a mapping and validate it; unknown keys are an error naming them."""
+    data = {KEY_ALIASES.get(k, k): v for k, v in data.items()}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(names)}")
+    return validate(cls(**data))
+
+
+def load_config(cls: type[T], path: str) -> T:
+    """Read a YAML (.yaml/.yml) or JSON file into ``cls``."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of option names to values, got {type(data).__name__}")
+    return from_dict(cls, {str(k).replace("-", "_"): v for k, v in data.items()})
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write ``cfg`` as YAML (.yaml/.yml) or JSON (atomically)."""
+    data = to_dict(cfg)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    atomic_write_text(path, text)
+
+
+def resolve(cfg: T) -> T:
+    """A copy of ``cfg`` (validated) with every None field that has a dataset default filled in."""
+    validate(cfg)
+    if cfg.dataset not in DATASET_DEFAULTS:  # type: ignore[attr-defined]
+        raise ConfigError(f"dataset must be one of {sorted(DATASET_DEFAULTS)}, got {cfg.dataset!r}")  # type: ignore[attr-defined]
+    d = DATASET_DEFAULTS[cfg.dataset]  # type: ignore[attr-defined]
+    names = {f.name for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
+    fills: dict[str, Any] = {}
+    for name in ("eps", "alpha", "attack_steps", "batch_size", "epochs", "lr", "momentum", "weight_decay",
+                 "num_negatives", "transfer", "ard_kl_reduction", "probe_eps"):
+        if name in names and getattr(cfg, name) is None and name in d:
+            fills[name] = d[name]
+    if "alpha" in names and getattr(cfg, "alpha") is None:
+        eps = fills.get("eps", getattr(cfg, "eps", None))
+        fills["alpha"] = eps / 4 if eps is not None else d["alpha"]
+    if "model" in names and getattr(cfg, "model") is None:
+        fills["model"] = d["teacher_model"]
+    if "student" in names and getattr(cfg, "student") is None:
+        fills["student"] = d["student_model"]
+    return dataclasses.replace(cfg, **fills)

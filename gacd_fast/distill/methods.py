@@ -1,0 +1,244 @@
+"""Training objectives: one class per method, each turning a batch into a loss.
+
+Teachers: PGD adversarial training (Madry et al. 2018) and TRADES (Zhang et al. 2019).
+Students: natural, AT (PGD adversarial training), ARD (Goldblum et al. 2020) and GACD (teacher-anchored contrastive
+distillation with sample reweighting; ``weighting="none"``, method "gacd_noweight", is the no-reweighting ablation).
+The teacher of a distillation method is frozen and kept in eval mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import PGD, GACDLoss
+from ..attacks import logits_of
+
+STUDENT_METHODS = ("natural", "at", "ard", "gacd", "gacd_noweight")
+TEACHER_METHODS = ("at", "trades")
+
+
+@dataclass
+class AttackSpec:
+    eps: float
+    alpha: float
+    steps: int
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor  # the logits the accuracy of the step is measured on
+    parts: dict[str, float]
+
+
+class Method(nn.Module):
+    """A training objective. Its own parameters (e.g. GACD's embedding heads) are trained too."""
+
+    needs_teacher = False
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+
+class Natural(Method):
+    def step(self, model, x, y, index):
+        logits = logits_of(model(x))
+        return StepOutput(F.cross_entropy(logits, y), logits, {})
+
+
+class PGDAT(Method):
+    """Madry et al.: CE on PGD examples crafted against the model (in eval mode, as torchattacks)."""
+
+    def __init__(self, attack: AttackSpec) -> None:
+        super().__init__()
+        self.attack = attack
+
+    def step(self, model, x, y, index):
+        x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps)(x, y)
+        logits = logits_of(model(x_adv))
+        return StepOutput(F.cross_entropy(logits, y), logits, {})
+
+
+class TRADES(Method):
+    """CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising that KL. TRADES starts from
+    x + 0.001 N(0, 1); here PGD's uniform start in the eps ball (the KL has zero gradient at x)."""
+
+    def __init__(self, attack: AttackSpec, beta: float = 6.0) -> None:
+        super().__init__()
+        self.attack, self.beta = attack, beta
+
+    def step(self, model, x, y, index):
+        with torch.no_grad(), _eval(model):
+            p_clean = F.softmax(logits_of(model(x)), 1)
+
+        def kl(out: Any, _y: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(logits_of(out), 1), p_clean, reduction="sum")
+
+        x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps, loss=kl)(x, y)
+        logits = logits_of(model(x))
+        robust = F.kl_div(F.log_softmax(logits_of(model(x_adv)), 1), F.softmax(logits, 1), reduction="batchmean")
+        ce = F.cross_entropy(logits, y)
+        return StepOutput(ce + self.beta * robust, logits, {"ce": float(ce.detach()), "kl": float(robust.detach())})
+
+
+class _eval:
+    """Context: model in eval mode, flags restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, t in self.flags:
+            m.training = t
+
+
+class Distill(Method):
+    """Base of the teacher-guided students: holds the frozen teacher."""
+
+    needs_teacher = True
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        # stored outside the module tree so method.parameters()/state_dict() never include it
+        self.__dict__["teacher"] = teacher
+
+    def teacher_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.teacher.eval()  # frozen and in eval mode during distillation, whatever a caller did
+        with torch.no_grad():
+            f_t, logit_t = self.teacher(x)
+        return f_t, logit_t
+
+
+class ARD(Distill):
+    """ARD main.py: alpha * T^2 * KL(S(x_adv)/T || T(x)/T) + (1 - alpha) * CE(S(x), y), the attack
+    PGD on the student's CE. KLDivLoss with the default element-wise mean, as ARD's code does."""
+
+    def __init__(self, teacher: nn.Module, attack: AttackSpec, temperature: float = 30.0, alpha: float = 1.0,
+                 kl_reduction: str = "mean") -> None:
+        super().__init__(teacher)
+        if kl_reduction not in ("mean", "batchmean"):
+            raise ValueError(f"kl_reduction must be 'mean' (ARD's code) or 'batchmean', got {kl_reduction!r}")
+        self.attack, self.temperature, self.alpha = attack, temperature, alpha
+        self.kl_reduction = kl_reduction
+
+    def step(self, model, x, y, index):
+        _, logit_t = self.teacher_out(x)
+        x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps)(x, y)
+        logits_adv = logits_of(model(x_adv))
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(logits_adv / t, 1), F.softmax(logit_t / t, 1), reduction=self.kl_reduction)
+        loss = self.alpha * t * t * kl
+        if self.alpha < 1:
+            loss = loss + (1 - self.alpha) * F.cross_entropy(logits_of(model(x)), y)
+        return StepOutput(loss, logits_adv, {"kl": float(kl.detach())})
+
+
+class GACD(Distill):
+    """GACD: ce_weight * CE(S(x_adv or x), y) + gacd_weight * GACDLoss(S_feat(x_adv), T_feat(x)).
+
+    attack_objective "ce": x_adv maximises the student's CE (ARD style); "guided": x_adv maximises
+    the GACD contrastive loss of the student against the teacher's clean anchors (the memory is
+    not updated while attacking). Negatives are drawn once per batch and shared by attack and loss.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        criterion: GACDLoss,
+        attack: AttackSpec,
+        *,
+        ce_weight: float = 1.0,
+        gacd_weight: float = 1.0,
+        ce_input: str = "adv",
+        attack_objective: str = "ce",
+    ) -> None:
+        super().__init__(teacher)
+        if ce_input not in ("adv", "clean"):
+            raise ValueError(f"ce_input must be 'adv' or 'clean', got {ce_input!r}")
+        if attack_objective not in ("ce", "guided"):
+            raise ValueError(f"attack_objective must be 'ce' or 'guided', got {attack_objective!r}")
+        self.criterion = criterion
+        self.attack = attack
+        self.ce_weight, self.gacd_weight = ce_weight, gacd_weight
+        self.ce_input, self.attack_objective = ce_input, attack_objective
+
+    def step(self, model, x, y, index):
+        f_t, logit_t = self.teacher_out(x)
+        contrast = None
+        if self.criterion.bank_kind == "memory":
+            negs = self.criterion.memory_t.sample_negatives(index, self.criterion.num_negatives)
+            contrast = torch.cat([index[:, None], negs], 1)
+        if self.attack_objective == "guided":
+            def objective(out: Any, targets: torch.Tensor) -> torch.Tensor:
+                return self.criterion(out[0], f_t, index, contrast, teacher_logits=logit_t, targets=targets, update_bank=False)
+            loss_fn: Any = objective
+        else:
+            loss_fn = "ce"
+        x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps, loss=loss_fn)(x, y)
+        f_s, logits_adv = model(x_adv)
+        contrastive = self.criterion(f_s, f_t, index, contrast, teacher_logits=logit_t, targets=y, update_bank=True)
+        logits_ce = logits_adv if self.ce_input == "adv" else logits_of(model(x))
+        ce = F.cross_entropy(logits_ce, y)
+        loss = self.ce_weight * ce + self.gacd_weight * contrastive
+        return StepOutput(loss, logits_adv, {"ce": float(ce.detach()), "gacd": float(contrastive.detach())})
+
+
+def build_teacher_method(method: str, attack: AttackSpec, trades_beta: float = 6.0) -> Method:
+    if method == "at":
+        return PGDAT(attack)
+    if method == "trades":
+        return TRADES(attack, trades_beta)
+    raise ValueError(f"teacher method must be one of {TEACHER_METHODS}, got {method!r}")
+
+
+def build_student_method(
+    method: str,
+    attack: AttackSpec,
+    *,
+    teacher: nn.Module | None = None,
+    student_dim: int | None = None,
+    num_data: int | None = None,
+    ard_temperature: float = 30.0,
+    ard_alpha: float = 1.0,
+    ard_kl_reduction: str = "mean",
+    embed_dim: int = 128,
+    num_negatives: int = 16384,
+    nce_temperature: float = 0.07,
+    nce_momentum: float = 0.5,
+    weighting: str = "confidence",
+    ce_weight: float = 1.0,
+    gacd_weight: float = 1.0,
+    ce_input: str = "adv",
+    attack_objective: str = "ce",
+) -> Method:
+    """The student objective ``method`` (one of STUDENT_METHODS)."""
+    if method not in STUDENT_METHODS:
+        raise ValueError(f"student method must be one of {STUDENT_METHODS}, got {method!r}")
+    if method == "natural":
+        return Natural()
+    if method == "at":
+        return PGDAT(attack)
+    if teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher checkpoint (--teacher)")
+    if method == "ard":
+        return ARD(teacher, attack, ard_temperature, ard_alpha, ard_kl_reduction)
+    if student_dim is None or num_data is None:
+        raise ValueError("GACD needs student_dim and num_data")
+    criterion = GACDLoss(
+        student_dim, teacher.feature_dim, num_data, embed_dim=embed_dim, num_negatives=num_negatives,
+        temperature=nce_temperature, momentum=nce_momentum,
+        weighting="none" if method == "gacd_noweight" else weighting,
+    )
+    return GACD(teacher, criterion, attack, ce_weight=ce_weight, gacd_weight=gacd_weight,
+                ce_input=ce_input, attack_objective=attack_objective)

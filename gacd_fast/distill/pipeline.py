@@ -1,0 +1,222 @@
+"""The subcommands as functions: train a teacher, distill a student, evaluate checkpoints, demo.
+
+Each takes a config dataclass, validates it and resolves the dataset defaults, writes the resolved
+config (config.json and config.yaml) to its out dir, and returns what it produced. Training writes
+``<name>.state.pt`` after every epoch and ``<name>.pt`` at the end (both atomically); with
+``resume=True`` a finished ``<name>.pt`` is reused and an unfinished model continues from its
+state file, ending with the same numbers as an uninterrupted run.
+
+Under torchrun (WORLD_SIZE > 1) training runs on every rank (see :mod:`.parallel`); rank 0 alone
+writes configs, logs, checkpoints and results, and evaluation runs on rank 0 alone, after the
+process group is closed (the other ranks return at once: they have nothing to wait for).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import torch
+
+from .config import (
+    DemoConfig,
+    DistillConfig,
+    EvaluateConfig,
+    TeacherConfig,
+    resolve,
+    save_config,
+    to_dict,
+    validate,
+)
+from .data import DataBundle, load_dataset, load_transfer
+from .evaluate import eps_grid, eps_sweep, evaluate_models
+from .methods import AttackSpec, build_student_method, build_teacher_method
+from . import parallel
+from .models import build_model
+from .report import format_table, write_results
+from .train import Logger, check_resumable, fit, load_checkpoint, pick_device, save_checkpoint
+
+
+def _setup(cfg: Any, config_name: str = "config", distributed: bool = True) -> tuple[torch.device, Logger]:
+    """Threads, determinism, seed, config files; under torchrun (``distributed``) the process
+    group and this rank's device. Only rank 0 writes and logs."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        # cuBLAS needs this before its first use to be deterministic (torch's reproducibility notes)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    device = parallel.setup(cfg.device) if distributed else pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    main = parallel.is_main()
+    if main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out_dir, f"{config_name}.json"))
+        save_config(cfg, os.path.join(cfg.out_dir, f"{config_name}.yaml"))
+    return device, Logger(cfg.out_dir if main else None, quiet=not main)
+
+
+def _data(cfg: Any) -> DataBundle:
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    return DataBundle(data.train.subset(cfg.train_limit, cfg.seed), data.test.subset(cfg.test_limit, cfg.seed), data.augment)
+
+
+def _finished(path: str, cfg: Any, log: Logger, name: str) -> bool:
+    """With --resume: True when ``path`` holds this model, trained with the same configuration."""
+    if not (cfg.resume and os.path.isfile(path)):
+        return False
+    meta = torch.load(path, map_location="cpu", weights_only=True)
+    check_resumable(path, meta.get("config"), to_dict(cfg))
+    log(f"[{name}] --resume: {path} is finished, not retrained")
+    return True
+
+
+def _finish(path: str, state_path: str, model: torch.nn.Module, log: Logger, name: str, **meta: Any) -> None:
+    if parallel.is_main():
+        save_checkpoint(path, model, **meta)
+        if os.path.isfile(state_path):
+            os.remove(state_path)  # the final checkpoint supersedes the per-epoch state
+        log(f"[{name}] saved {path}")
+    parallel.barrier()  # the other ranks may read the checkpoint next (the demo's students load the teacher)
+
+
+def train_teacher(cfg: TeacherConfig, log: Logger | None = None) -> str:
+    """Adversarially train the teacher; returns the checkpoint path (<out_dir>/teacher.pt)."""
+    cfg = resolve(cfg)
+    device, own_log = _setup(cfg, "teacher_config")
+    log = log or own_log
+    path, state_path = (os.path.join(cfg.out_dir, f"teacher{ext}") for ext in (".pt", ".state.pt"))
+    if _finished(path, cfg, log, "teacher"):
+        return path
+    data = _data(cfg)
+    c, _, _ = data.train.image_shape
+    model = build_model(cfg.model, data.train.num_classes, c)
+    method = build_teacher_method(cfg.method, AttackSpec(cfg.eps, cfg.alpha, cfg.attack_steps), cfg.trades_beta)
+    log(f"[teacher] {cfg.model} by {cfg.method} on {cfg.dataset} ({len(data.train)} train / {len(data.test)} test), "
+        f"eps {cfg.eps:.4g}, PGD-{cfg.attack_steps} step {cfg.alpha:.4g}, device {device}")
+    history = fit(model, method, data.train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
+                  augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag="teacher",
+                  progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=to_dict(cfg),
+                  deterministic=cfg.deterministic)
+    _finish(path, state_path, model, log, "teacher", arch=cfg.model, num_classes=data.train.num_classes,
+            in_channels=c, role="teacher", method=cfg.method, config=to_dict(cfg), history=history)
+    return path
+
+
+def distill(cfg: DistillConfig, log: Logger | None = None) -> str:
+    """Train one student (natural, at, ard, gacd, gacd_noweight); returns its checkpoint path."""
+    cfg = resolve(cfg)
+    name = cfg.name or cfg.method
+    device, own_log = _setup(cfg, f"{name}_config")
+    log = log or own_log
+    path, state_path = (os.path.join(cfg.out_dir, f"{name}{ext}") for ext in (".pt", ".state.pt"))
+    if _finished(path, cfg, log, name):
+        return path
+    teacher = None
+    if cfg.method not in ("natural", "at"):
+        if not cfg.teacher:
+            raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher`")
+        teacher, _ = load_checkpoint(cfg.teacher, device)
+    data = _data(cfg)
+    c, _, _ = data.train.image_shape
+    model = build_model(cfg.student, data.train.num_classes, c)
+    method = build_student_method(
+        cfg.method, AttackSpec(cfg.eps, cfg.alpha, cfg.attack_steps), teacher=teacher,
+        student_dim=getattr(model, "feature_dim", None), num_data=len(data.train),
+        ard_temperature=cfg.ard_temperature, ard_alpha=cfg.ard_alpha, ard_kl_reduction=cfg.ard_kl_reduction,
+        embed_dim=cfg.embed_dim,
+        num_negatives=cfg.num_negatives, nce_temperature=cfg.nce_temperature, nce_momentum=cfg.nce_momentum,
+        weighting=cfg.weighting, ce_weight=cfg.ce_weight, gacd_weight=cfg.gacd_weight, ce_input=cfg.ce_input,
+        attack_objective=cfg.attack_objective,
+    )
+    log(f"[{name}] {cfg.student} by {cfg.method} on {cfg.dataset}, eps {cfg.eps:.4g}, PGD-{cfg.attack_steps}, device {device}")
+    history = fit(model, method, data.train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
+                  augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag=name,
+                  progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=to_dict(cfg),
+                  deterministic=cfg.deterministic)
+    _finish(path, state_path, model, log, name, arch=cfg.student, num_classes=data.train.num_classes, in_channels=c,
+            role="student", method=cfg.method, config=to_dict(cfg), history=history)
+    return path
+
+
+def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
+             run_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Evaluate the teacher (if given) and the checkpoints; print the table, write results.json/csv/png,
+    curves.json, robust_vs_eps.png and training_curves.png. results.json's "config" is this
+    evaluation's config, or ``run_config`` (the demo's) with it under "evaluation"."""
+    asked_transfer = cfg.transfer
+    cfg = resolve(cfg)
+    if not parallel.is_main():
+        return []  # under torchrun rank 0 evaluates alone
+    transfer_dir = cfg.transfer_data_dir or cfg.data_dir
+    if asked_transfer is None and cfg.transfer == "stl10" and not cfg.transfer_data_dir:
+        cfg = dataclasses.replace(cfg, transfer="none")  # CIFAR: the STL-10 probe by default only when its files are given
+    device, own_log = _setup(cfg, "evaluate_config", distributed=False)
+    log = log or own_log
+    if not cfg.teacher and not cfg.checkpoints:
+        raise ValueError("nothing to evaluate: give --teacher and/or --checkpoints")
+    data = _data(cfg)
+    models: dict[str, torch.nn.Module] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    teacher = None
+    if cfg.teacher:
+        teacher, metas["teacher"] = load_checkpoint(cfg.teacher, device)
+        models["teacher"] = teacher
+    for path in cfg.checkpoints:
+        key = os.path.splitext(os.path.basename(path))[0]
+        key = key if key not in models else path
+        models[key], metas[key] = load_checkpoint(path, device)
+    transfer = load_transfer(cfg.transfer, transfer_dir, seed=cfg.seed)
+    log(f"[eval] {len(models)} model(s) on {cfg.dataset} test ({len(data.test)}), eps {cfg.eps:.4g}, "
+        f"PGD-{cfg.pgd_steps}/CW-{cfg.cw_steps} step {cfg.alpha:.4g}, transfer {cfg.transfer} (probe PGD eps {cfg.probe_eps:.4g})")
+    batch_size = max(cfg.batch_size, 256)
+    rows = evaluate_models(models, data.test, teacher=teacher, eps=cfg.eps, alpha=cfg.alpha, pgd_steps=cfg.pgd_steps,
+                           cw_steps=cfg.cw_steps, transfer=transfer, probe_epochs=cfg.probe_epochs, probe_eps=cfg.probe_eps,
+                           batch_size=batch_size, device=device, seed=cfg.seed, log=log, progress=cfg.progress)
+    for row in rows:
+        row["seconds"] = metas[row["model"]].get("seconds")
+    sweep = None
+    if cfg.eps_sweep:
+        grid = eps_grid(cfg.eps, cfg.eps_sweep)
+        t0 = time.time()
+        acc = eps_sweep(models, data.test, grid, steps=cfg.pgd_steps, batch_size=batch_size, device=device,
+                        seed=cfg.seed, progress=cfg.progress)
+        sweep = {"eps": grid, "attack": f"pgd{cfg.pgd_steps}", "train_eps": cfg.eps, "accuracy": acc}
+        log(f"[eval] PGD-{cfg.pgd_steps} accuracy at eps {', '.join(f'{e:.3g}' for e in grid)} ({time.time() - t0:.1f}s):")
+        for name, accs in acc.items():
+            log(f"[eval]   {name}: " + " ".join(f"{100 * a:.1f}" for a in accs))
+    title = title or cfg.dataset
+    table = format_table(rows, title + f": eps {cfg.eps:.4g}; transfer probe on {cfg.transfer}, PGD-{cfg.pgd_steps} at eps {cfg.probe_eps:.4g}")
+    log(table)
+    paths = write_results(rows, cfg.out_dir, dataset=cfg.dataset, eps=cfg.eps, device=str(device), config={**run_config, "evaluation": to_dict(cfg)} if run_config else to_dict(cfg),
+                          title=title, sweep=sweep, histories={k: m.get("history", []) for k, m in metas.items()})
+    log(f"[eval] wrote {', '.join(paths.values())}")
+    return rows
+
+
+def demo(cfg: DemoConfig) -> list[dict[str, Any]]:
+    """Digits: adversarially train a teacher, then every student, evaluate all, print the table."""
+    t_start = time.time()
+    cfg = validate(dataclasses.replace(cfg, dataset="digits"))
+    device, log = _setup(cfg, "demo_config")
+    common = dict(dataset="digits", data_dir=None, out_dir=cfg.out_dir, seed=cfg.seed, device=cfg.device,
+                  batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
+                  threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
+                  eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
+    teacher_path = train_teacher(TeacherConfig(**common, method=cfg.teacher_method, epochs=cfg.teacher_epochs), log)
+    paths = []
+    for m in cfg.methods:
+        paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=m, epochs=cfg.student_epochs,
+                                           gacd_weight=cfg.gacd_weight, ce_input=cfg.ce_input,
+                                           attack_objective=cfg.attack_objective), log))
+    ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")},
+                          teacher=teacher_path, checkpoints=paths, probe_epochs=cfg.probe_epochs,
+                          eps_sweep=cfg.eps_sweep)
+    parallel.shutdown()  # training is over: rank 0 evaluates alone, the other ranks are done
+    if not parallel.is_main():
+        return []
+    rows = evaluate(ecfg, log, title="GACD demo on digits", run_config=to_dict(cfg))
+    log(f"[demo] total wall time {time.time() - t_start:.1f}s; results in {cfg.out_dir}")
+    return rows

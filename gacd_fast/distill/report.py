@@ -1,0 +1,196 @@
+"""Results: the printed table, results.json/.csv, curves.json and the plots (results.png,
+robust_vs_eps.png, training_curves.png), all written atomically.
+
+results.json::
+
+    {"dataset": str, "eps": float, "device": str, "config": {...}, "versions": {...},
+     "methods": {name: {"clean", "fgsm", "pgd20", "cw", "cka", "seconds",
+                        "transfer_clean", "transfer_pgd20"}}}
+
+Accuracies are fractions in [0, 1]; "cka" is the linear CKA of the model's penultimate test
+features to the teacher's (null without a teacher); "seconds" the model's training wall time
+(null when its checkpoint does not say); the transfer keys only when a transfer probe ran.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+from typing import Any
+
+from .atomic import atomic_write, atomic_write_text
+
+SKIP_COLS = ("eval_s",)
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of torch, triton (None when not installed), gacd_fast and python."""
+    from importlib import metadata
+
+    import torch
+
+    import gacd_fast
+
+    try:
+        triton: str | None = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton, "gacd_fast": gacd_fast.__version__,
+            "python": platform.python_version()}
+
+
+def format_table(rows: list[dict[str, Any]], title: str = "") -> str:
+    """A fixed-width text table: accuracies in %, CKA as a ratio, seconds with one decimal."""
+    if not rows:
+        return "(no results)"
+    cols = [c for c in rows[0] if c not in SKIP_COLS]
+    for r in rows[1:]:
+        cols += [c for c in r if c not in cols and c not in SKIP_COLS]
+
+    def cell(v: Any, c: str) -> str:
+        if isinstance(v, float):
+            if c == "cka":
+                return f"{v:.4f}"
+            if c == "seconds":
+                return f"{v:.1f}"
+            return f"{100 * v:.2f}"
+        return "-" if v is None else str(v)
+
+    body = [[cell(r.get(c), c) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    out = [title] if title else []
+    out += [line(cols), line(["-" * w for w in widths])] + [line(b) for b in body]
+    out.append("(accuracies in %, cka = linear CKA of penultimate test features to the teacher's, "
+               "seconds = training wall time)")
+    return "\n".join(out)
+
+
+def results_document(rows: list[dict[str, Any]], *, dataset: str, eps: float, device: str,
+                     config: dict[str, Any]) -> dict[str, Any]:
+    """The results.json mapping (see the module doc)."""
+    methods = {}
+    for r in rows:
+        entry = {k: v for k, v in r.items() if k != "model" and k not in SKIP_COLS}
+        entry.setdefault("cka", None)
+        entry.setdefault("seconds", None)
+        methods[r["model"]] = entry
+    return {"dataset": dataset, "eps": float(eps), "device": str(device), "config": config,
+            "versions": versions(), "methods": methods}
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: str, *, dataset: str, eps: float, device: str,
+                  config: dict[str, Any], title: str = "", sweep: dict[str, Any] | None = None,
+                  histories: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, str]:
+    """results.json/.csv/.png, curves.json and, when there is data for them, robust_vs_eps.png
+    (``sweep``: {"eps": [...], "attack": "pgd20", "accuracy": {name: [...]}}) and
+    training_curves.png (``histories``: name -> per-epoch rows). Returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "csv", "png")}
+    doc = results_document(rows, dataset=dataset, eps=eps, device=device, config=config)
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols and c not in SKIP_COLS]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(paths["csv"], buf.getvalue())
+    plot_results(rows, paths["png"], title=title)
+    paths["curves"] = os.path.join(out_dir, "curves.json")
+    atomic_write_text(paths["curves"], json.dumps({"eps_sweep": sweep, "training": histories or {}}, indent=2) + "\n")
+    if sweep and sweep.get("accuracy"):
+        paths["robust_vs_eps"] = os.path.join(out_dir, "robust_vs_eps.png")
+        plot_eps_sweep(sweep, paths["robust_vs_eps"], title=title)
+    if histories and any(histories.values()):
+        paths["training_curves"] = os.path.join(out_dir, "training_curves.png")
+        plot_training_curves(histories, paths["training_curves"], title=title)
+    return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    _pyplot().close(fig)
+
+
+def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """Grouped bars of the accuracy columns per model, with CKA in a second panel when present."""
+    plt = _pyplot()
+    acc_cols = [c for c in rows[0] if c in ("clean", "fgsm", "cw") or c.startswith("pgd") or c.startswith("transfer")]
+    has_cka = any(r.get("cka") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_cka else 1, figsize=(11 if has_cka else 8, 4),
+                             gridspec_kw={"width_ratios": [3, 1]} if has_cka else None, squeeze=False)
+    ax = axes[0][0]
+    n, k = len(rows), len(acc_cols)
+    width = 0.8 / max(1, k)
+    for j, c in enumerate(acc_cols):
+        ax.bar([i + j * width for i in range(n)], [100 * (r.get(c) or 0.0) for r in rows], width, label=c)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(n)])
+    ax.set_xticklabels([r["model"] for r in rows], rotation=20)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=len(acc_cols), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    ax.set_title(title or "accuracy under attack")
+    if has_cka:
+        ax2 = axes[0][1]
+        ax2.bar(range(n), [r.get("cka") or 0.0 for r in rows], color="gray")
+        ax2.set_xticks(range(n))
+        ax2.set_xticklabels([r["model"] for r in rows], rotation=60, fontsize=8)
+        ax2.set_ylim(0, 1)
+        ax2.set_title("linear CKA to teacher")
+    _save(fig, path)
+
+
+def plot_eps_sweep(sweep: dict[str, Any], path: str, title: str = "") -> None:
+    """Robust accuracy (%) against the attack radius, one line per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, accs in sweep["accuracy"].items():
+        ax.plot(sweep["eps"], [100 * a for a in accs], marker="o", label=name)
+    if sweep.get("train_eps") is not None:
+        ax.axvline(sweep["train_eps"], color="gray", ls=":", lw=1, label="eps of the run")
+    ax.set_xlabel("L-inf eps")
+    ax.set_ylabel(f"{sweep.get('attack', 'PGD')} accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title((title + ": " if title else "") + "robust accuracy vs eps")
+    _save(fig, path)
+
+
+def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: str, title: str = "") -> None:
+    """Training loss and training accuracy per epoch, one line per model."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, hist in histories.items():
+        if not hist:
+            continue
+        ep = [r["epoch"] for r in hist]
+        ax1.plot(ep, [r["loss"] for r in hist], marker=".", label=name)
+        ax2.plot(ep, [100 * r["train_acc"] for r in hist], marker=".", label=name)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax1.set_title("loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("training accuracy (%) (on the inputs trained on)")
+    ax2.set_ylim(0, 100)
+    ax2.set_title("train accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)

@@ -1,0 +1,111 @@
+"""--resume: a demo interrupted after some epoch of some model continues from its last per-epoch
+checkpoint, does not retrain finished models, and ends with exactly the numbers and weights of an
+uninterrupted run. Checkpoints are written atomically."""
+import json
+import os
+
+import pytest
+import torch
+
+from gacd_fast.cli import main
+from gacd_fast.distill import train
+from gacd_fast.distill.atomic import atomic_torch_save
+
+TINY = ["--train-limit", "96", "--test-limit", "24", "--teacher-epochs", "2", "--student-epochs", "3",
+        "--attack-steps", "1", "--probe-epochs", "2", "--eps-sweep", "3", "--methods", "at", "gacd", "--no-progress"]
+MODELS = ("teacher", "at", "gacd")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def run(out, hooks, *extra):
+    train.EPOCH_END_HOOKS[:] = hooks
+    try:
+        return main(["demo", "--out", out, *TINY, *extra])
+    finally:
+        train.EPOCH_END_HOOKS[:] = []
+
+
+def numbers(out):
+    doc = json.load(open(os.path.join(out, "results.json")))
+    methods = {k: {m: v for m, v in d.items() if m != "seconds"} for k, d in doc["methods"].items()}
+    curves = json.load(open(os.path.join(out, "curves.json")))
+    hist = {k: [{m: v for m, v in r.items() if m != "time_s"} for r in h] for k, h in curves["training"].items()}
+    return methods, curves["eps_sweep"], hist
+
+
+def weights(out, name):
+    return torch.load(os.path.join(out, f"{name}.pt"), weights_only=True)["state_dict"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    ref, res = str(tmp_path / "ref"), str(tmp_path / "res")
+    seen = []
+    assert run(ref, [lambda tag, ep: seen.append((tag, ep))]) == 0
+    assert seen == [("teacher", 1), ("teacher", 2), ("at", 1), ("at", 2), ("at", 3), ("gacd", 1), ("gacd", 2), ("gacd", 3)]
+
+    def stop(tag, ep):
+        if (tag, ep) == ("gacd", 1):
+            raise Interrupt  # as if killed right after gacd's first epoch
+    with pytest.raises(Interrupt):
+        run(res, [stop])
+    assert os.path.isfile(os.path.join(res, "gacd.state.pt")) and not os.path.exists(os.path.join(res, "gacd.pt"))
+    state = torch.load(os.path.join(res, "gacd.state.pt"), weights_only=True)
+    assert state["epoch"] == 1 and "criterion.memory_t.rows" in state["method"]
+    assert {"optimizer", "scheduler", "loader_generator", "rng", "history"} <= set(state)
+
+    seen = []
+    assert run(res, [lambda tag, ep: seen.append((tag, ep))], "--resume") == 0
+    assert seen == [("gacd", 2), ("gacd", 3)]  # teacher and at are finished: not retrained
+    assert numbers(res) == numbers(ref)
+    for name in MODELS:
+        a, b = weights(ref, name), weights(res, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    log = open(os.path.join(res, "log.txt")).read()
+    assert "[gacd] resuming after epoch 1/3" in log and "[teacher] --resume:" in log
+    doc = json.load(open(os.path.join(res, "results.json")))
+    assert doc["methods"]["gacd"]["seconds"] > 0
+
+    # a finished run resumes to the same numbers without training anything
+    seen = []
+    assert run(res, [lambda tag, ep: seen.append((tag, ep))], "--resume") == 0
+    assert seen == [] and numbers(res) == numbers(ref)
+
+
+def test_resume_rejects_other_config(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["train-teacher", "--out", out, "--epochs", "1", "--train-limit", "32", "--test-limit", "8",
+                 "--attack-steps", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train-teacher", "--out", out, "--epochs", "2", "--train-limit", "32", "--test-limit", "8",
+                 "--attack-steps", "1", "--no-progress", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "epochs: 1 there, 2 now" in err
+
+
+def test_keyboard_interrupt_exit_code(tmp_path, capsys):
+    def stop(tag, ep):
+        raise KeyboardInterrupt
+    train.EPOCH_END_HOOKS[:] = [stop]
+    try:
+        assert main(["train-teacher", "--out", str(tmp_path), "--epochs", "2", "--train-limit", "32",
+                     "--test-limit", "8", "--attack-steps", "1", "--no-progress"]) == 130
+    finally:
+        train.EPOCH_END_HOOKS[:] = []
+    assert "--resume" in capsys.readouterr().err
+    assert os.path.isfile(tmp_path / "teacher.state.pt")
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "x.pt")
+    atomic_torch_save({"a": torch.ones(2)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"a": Boom()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["x.pt"]  # no temporary left behind
