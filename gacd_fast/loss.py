@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
@@ -21,7 +22,7 @@ from .memory import FeatureQueue, MemoryBank
 from .ops.reference import NORM_EPS
 from .weighting import WEIGHTINGS, teacher_weights
 
-BANKS = ("memory", "queue")
+BANKS = ("memory", "queue", "batch")
 CRITICS = ("infonce", "nce")
 
 
@@ -51,7 +52,9 @@ class GACDLoss(nn.Module):
             ("queue") (CRD: 16384).
         temperature: tau (CRD: 0.07).
         momentum: memory update rows <- normalize(m * rows + (1 - m) * new) (CRD: 0.5).
-        bank: "memory" (CRD per-sample rows, needs ``index``) or "queue" (MoCo FIFO).
+        bank: "memory" (CRD per-sample rows, needs ``index``), "queue" (MoCo FIFO) or "batch"
+            (in-batch negatives: the other samples' teacher embeddings of the batch, gradients
+            flowing to them; under torch.distributed the whole global batch).
         weighting: "confidence" | "correct" | "none" (needs ``teacher_logits`` and ``targets``
             unless "none").
         critic: "infonce" (log-sum-exp) or "nce" (CRD's h = sigmoid(s/tau - log(K/num_data))).
@@ -59,6 +62,11 @@ class GACDLoss(nn.Module):
             memory of student embeddings), as CRD does.
         reduction: "mean" (weighted mean), "sum" or "none" ([B]).
         backend: backend for the contrastive op (None: the current selection).
+        distributed: act across a torch.distributed process group (None: when one is
+            initialised): the loss is reduced over the global batch and scaled so that DDP's
+            gradient average equals one process's gradient on the concatenated batch, and the
+            memories receive every rank's rows in rank order. Each rank's loss value is its share
+            times the world size (the ranks' mean is the global loss).
 
     Forward: ``loss(f_s, f_t, index=None, contrast_index=None, *, teacher_logits=None,
     targets=None, weights=None, update_bank=None)``. ``loss(f_s, f_t, idx, contrast_idx)`` is
@@ -82,6 +90,7 @@ class GACDLoss(nn.Module):
         symmetric: bool = False,
         reduction: str = "mean",
         backend: str | None = None,
+        distributed: bool | None = None,
     ) -> None:
         super().__init__()
         check_int("student_dim", student_dim, minimum=1)
@@ -95,6 +104,9 @@ class GACDLoss(nn.Module):
         self.reduction = check_option("reduction", reduction, gf.REDUCTIONS)
         self.symmetric = bool(symmetric)
         self.backend = backend
+        if distributed is not None and not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
+        self.distributed = distributed
         if num_data is not None:
             check_int("num_data", num_data, minimum=2)
         if num_data is None and (bank == "memory" or critic == "nce"):
@@ -103,10 +115,10 @@ class GACDLoss(nn.Module):
         self.embed_s = Embed(student_dim, embed_dim)
         self.embed_t = Embed(teacher_dim, embed_dim)
 
-        def make_memory() -> nn.Module:
+        def make_memory() -> nn.Module | None:
             if bank == "memory":
                 return MemoryBank(num_data, embed_dim, momentum)
-            return FeatureQueue(num_negatives, embed_dim)
+            return FeatureQueue(num_negatives, embed_dim) if bank == "queue" else None
 
         self.memory_t = make_memory()  # teacher embeddings: negatives of the student query
         self.memory_s = make_memory() if self.symmetric else None  # student embeddings
@@ -119,16 +131,28 @@ class GACDLoss(nn.Module):
             temperature=opt.nce_t, momentum=opt.nce_m, **kwargs,
         )
 
-    def _term(self, query, positive, memory, neg_index, weights):
+    def _term(self, query, positive, negatives, neg_index, weights, reduction):
         if self.critic == "nce":
             return gf.nce_loss(
-                query, positive, memory.rows, num_data=self.num_data, temperature=self.temperature,
-                weights=weights, neg_index=neg_index, reduction=self.reduction,
+                query, positive, negatives, num_data=self.num_data, temperature=self.temperature,
+                weights=weights, neg_index=neg_index, reduction=reduction,
             )
         return gf.info_nce(
-            query, positive, memory.rows, temperature=self.temperature, weights=weights,
-            neg_index=neg_index, reduction=self.reduction, backend=self.backend,
+            query, positive, negatives, temperature=self.temperature, weights=weights,
+            neg_index=neg_index, reduction=reduction, backend=self.backend,
         )
+
+    @staticmethod
+    def _batch_negatives(keys: torch.Tensor, dist_on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """In-batch negatives: (keys of the global batch, [B, N-1] index of every key but the row's own)."""
+        batch = keys.shape[0]
+        offset, total = distributed.rank_offset(batch, keys.device) if dist_on else (0, batch)
+        if total < 2:
+            raise ValueError("bank='batch' needs at least 2 samples in the (global) batch")
+        all_keys = distributed.all_gather_rows(keys, grad=True) if dist_on else keys
+        own = torch.arange(offset, offset + batch, device=keys.device)[:, None]
+        others = torch.arange(total - 1, device=keys.device)[None, :].expand(batch, -1)
+        return all_keys, others + (others >= own).long()
 
     def forward(
         self,
@@ -193,14 +217,27 @@ class GACDLoss(nn.Module):
             else:
                 neg_index = self.memory_t.sample_negatives(index, self.num_negatives)
 
-        bank_dtype = self.memory_t.rows.dtype
-        s = self.embed_s(f_s).to(bank_dtype)  # the cast keeps autocast's half embeddings valid
-        t = self.embed_t(f_t).to(bank_dtype)
-        loss = self._term(s, t, self.memory_t, neg_index, weights)
+        dist_on = distributed.active(self.distributed)
+        reduction = "none" if dist_on else self.reduction
+        s, t = self.embed_s(f_s), self.embed_t(f_t)
+        if self.memory_t is not None:  # match the memory's dtype (autocast gives half embeddings)
+            s, t = s.to(self.memory_t.rows.dtype), t.to(self.memory_t.rows.dtype)
+        if self.bank_kind == "batch":
+            keys_t, neg_index = self._batch_negatives(t, dist_on)
+            keys_s = self._batch_negatives(s, dist_on)[0] if self.symmetric else None
+        else:
+            keys_t = self.memory_t.rows
+            keys_s = self.memory_s.rows if self.symmetric else None
+        loss = self._term(s, t, keys_t, neg_index, weights, reduction)
         if self.symmetric:
-            loss = loss + self._term(t, s, self.memory_s, neg_index, weights)
+            loss = loss + self._term(t, s, keys_s, neg_index, weights, reduction)
+        if dist_on:
+            loss = distributed.global_reduce(loss, weights, self.reduction)
 
-        if self.training if update_bank is None else update_bank:
+        if self.memory_t is not None and (self.training if update_bank is None else update_bank):
+            if dist_on:  # every rank stores every rank's rows, in rank order
+                t, s = distributed.all_gather_rows(t.detach()), distributed.all_gather_rows(s.detach())
+                index = distributed.all_gather_rows(index) if index is not None else None
             self._update(self.memory_t, t, index)
             if self.symmetric:
                 self._update(self.memory_s, s, index)
