@@ -3,9 +3,6 @@ process on the concatenated batch (unequal shards: 5 + 3 rows). Over several SGD
 gradients, the parameters, the memories and the loss must agree."""
 import datetime
 import os
-import socket
-import sys
-import traceback
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gacd_fast import GACDLoss
+from multiproc import free_port, run_rank
 
 SHARDS = (5, 3)
 STEPS = 3
@@ -84,21 +82,8 @@ def _run(rank: int, port: int, case_name: str) -> None:
 
 
 def worker(rank: int, port: int, case_name: str) -> None:
-    """Run one rank, then leave with os._exit: torch's gloo process group can deadlock in its
-    destructor at interpreter shutdown, which would hang the test instead of ending it."""
-    try:
-        _run(rank, port, case_name)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    os._exit(0)
+    run_rank(_run, rank, port, case_name)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("case_name", list(CASES))

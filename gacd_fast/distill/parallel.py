@@ -154,12 +154,12 @@ def average_gradients(params: list[torch.Tensor]) -> None:
                           for i, g in zip(idx, grads)]
                          + [torch.tensor([float(g is not None) for g in grads], device=device, dtype=dtype)])
         dist.all_reduce(flat)
-        has = flat[-len(idx):]
+        has = flat[-len(idx):].tolist()  # one device sync, not one per parameter
         offset = 0
         for k, i in enumerate(idx):
             p = params[i]
             n = p.numel()
-            if float(has[k]) > 0:
+            if has[k] > 0:
                 avg = flat[offset:offset + n].view_as(p).div_(world)
                 if p.grad is None:
                     p.grad = avg.clone()
