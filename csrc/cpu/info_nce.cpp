@@ -27,6 +27,8 @@
 
 #include "../common.h"
 
+#include <c10/core/GradMode.h>
+
 namespace gacd_fast {
 namespace {
 
@@ -164,6 +166,7 @@ void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize,
   at::Tensor gl = at::zeros({gr.ngroups, B}, opts);
   at::Tensor gdq = dq.defined() ? at::zeros({gr.ngroups, B, D}, opts) : at::Tensor();
   at::parallel_for(0, gr.ngroups, 1, [&](int64_t g0, int64_t g1) {
+    c10::NoGradGuard no_grad;  // OpenMP threads do not inherit the caller's autograd state
     SerialBlas serial;
     for (int64_t g = g0; g < g1; ++g) {
       at::Tensor buf = at::empty({B * gr.chunk}, opts);
@@ -238,6 +241,7 @@ void shared_backward(const Units& q, const at::Tensor& negatives, bool normalize
   const auto opts = q.xhat.options();
   at::Tensor gdq = dqhat.defined() ? at::zeros({gr.ngroups, B, D}, opts) : at::Tensor();
   at::parallel_for(0, gr.ngroups, 1, [&](int64_t g0, int64_t g1) {
+    c10::NoGradGuard no_grad;  // OpenMP threads do not inherit the caller's autograd state
     SerialBlas serial;
     for (int64_t grp = g0; grp < g1; ++grp) {
       at::Tensor buf = at::empty({B * gr.chunk}, opts);
@@ -311,6 +315,7 @@ void index_forward(const Units& q, const at::Tensor& negatives, const int64_t* i
   const scalar_t* np = negatives.data_ptr<scalar_t>();
   acc_t* dqp = dq.defined() ? dq.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+    c10::NoGradGuard no_grad;  // OpenMP threads do not inherit the caller's autograd state
     std::vector<acc_t> s(M), w(M);
     for (int64_t i = i0; i < i1; ++i) {
       const acc_t* qi = qp + i * D;
@@ -349,6 +354,7 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
   if (dqhat.defined()) {
     acc_t* dqp = dqhat.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+      c10::NoGradGuard no_grad;  // OpenMP threads do not inherit the caller's autograd state
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t* qi = qp + i * D;
         acc_t* di = dqp + i * D;
@@ -375,6 +381,7 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
   }
   scalar_t* dnp = dn.data_ptr<scalar_t>();
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    c10::NoGradGuard no_grad;  // OpenMP threads do not inherit the caller's autograd state
     std::vector<acc_t> acc(D);
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* out = dnp + k * D;

@@ -40,8 +40,10 @@ _error: str | None = None  # why a build or load failed (kept so later calls fai
 _registered = False
 
 # -ffp-contract=off: no FMA contraction, pgd_step_ must match eager bitwise; -fno-trapping-math
-# (results unchanged) lets the compiler vectorise the softmax loops.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+# (results unchanged) lets the compiler vectorise the softmax loops; -fopenmp: at::parallel_for is
+# inlined from ATen's headers as an OpenMP region, which runs serially when compiled without it.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
+LD_FLAGS = ["-fopenmp"]
 CUDA_FLAGS = ["-O3"]  # the C++ standard: torch picks the one its headers need
 
 
@@ -228,6 +230,7 @@ def _jit_build(verbose: bool) -> None:
         name=name,
         sources=sources(with_cuda),
         extra_cflags=CXX_FLAGS,
+        extra_ldflags=LD_FLAGS,
         extra_cuda_cflags=CUDA_FLAGS if with_cuda else None,
         is_python_module=False,
         verbose=verbose,
