@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gacd_fast  # noqa: E402
 from common import (  # noqa: E402
-    DTYPES, MODES, Recorder, Skip, base_parser, peak_extra_mb, probe_in_subprocess, progress, time_ms,
+    DTYPES, MODES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress,
+    time_ms,
 )
 from gacd_fast.functional import weighted_reduce  # noqa: E402
 from gacd_fast.ops import reference  # noqa: E402
@@ -138,6 +139,8 @@ def _pml(s: dict, device: torch.device) -> Callable:
 def build(provider: str, mode: str, s: dict, dtype: torch.dtype, device: torch.device) -> Callable[[], object]:
     """The closure timed for (provider, mode): fwd = forward with autograd on, bwd = backward of a
     forward done beforehand, full = both."""
+    if provider == "torch_compile":
+        torch._dynamo.reset()  # a fresh graph per mode: "bwd" needs its own (see below)
     fn = loss_fn(provider, s, device)
     q, p, n, idx, w = make_inputs(s, dtype, device)
     grads_of = [q, p] + ([n] if n.requires_grad else [])
@@ -145,7 +148,10 @@ def build(provider: str, mode: str, s: dict, dtype: torch.dtype, device: torch.d
         return lambda: fn(q, p, n, idx, w)
     if mode == "full":
         return lambda: torch.autograd.grad(fn(q, p, n, idx, w), grads_of)
-    loss = fn(q, p, n, idx, w)
+    # Timing backward alone re-runs one graph's backward (retain_graph); a compiled backward that
+    # donates its saved buffers to its outputs forbids that.
+    with torch._functorch.config.patch(donated_buffer=False):
+        loss = fn(q, p, n, idx, w)
     return lambda: torch.autograd.grad(loss, grads_of, retain_graph=True)
 
 
@@ -176,9 +182,12 @@ def main() -> None:
     rec = Recorder("bench_info_nce", device)
     reps = args.reps or (30 if device.type == "cuda" else 5)
     cases = args.cases.split(",")
+    ceilings = {d: device_ceilings(device, DTYPES[d]) for d in args.dtypes.split(",")}
+    progress(f"device ceilings: {ceilings}")
     for s in (s for s in shapes(args.quick, device) if s["case"] in cases):
         shape = {k: s.get(k, "") for k in "BKMD"}
         for dname in args.dtypes.split(","):
+            rec.add(s["case"], "matmul_ceiling", "full", dname, shape, "tflops", "TFLOP/s", ceilings[dname]["matmul_TFLOPs"])
             for provider in args.providers.split(","):
                 for mode in args.modes.split(","):
                     label = f"{s['case']} {dname} {shape} {provider} {mode}"

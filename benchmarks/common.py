@@ -220,7 +220,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="device to run on (default: cuda when present, else cpu)")
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats, so a CPU run takes minutes")
-    p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
+    p.add_argument("--dtypes", default="float32,bfloat16" if torch.cuda.is_available() else "float32",
+                   help="comma-separated: float32,bfloat16,float16 (default: float32,bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed repeats per point (default: 30 GPU, 5 CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV (default benchmarks/results)")

@@ -47,3 +47,33 @@ def test_info_nce_inductor(device):
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True)(q, p, n)
     torch.testing.assert_close(got, f(q, p, n))
+
+
+@pytest.mark.parametrize("bank", ["memory", "queue"])
+def test_gacd_loss_and_pgd_step_fullgraph(device, bank):
+    """The whole GACDLoss forward (heads, weights, Triton InfoNCE, memory update) and a PGD step
+    trace into one graph each; results equal eager."""
+    torch.manual_seed(0)
+    crit = gacd_fast.GACDLoss(12, 10, num_data=30, embed_dim=16, num_negatives=20, bank=bank, backend="triton").to(device)
+    f_s, f_t = torch.randn(6, 12, device=device), torch.randn(6, 10, device=device)
+    idx, logits, y = torch.arange(6, device=device), torch.randn(6, 3, device=device), torch.randint(3, (6,), device=device)
+    contrast = torch.randint(30, (6, 21), device=device)  # fixed negatives, so both calls see the same
+    kwargs = dict(teacher_logits=logits, targets=y, update_bank=False)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(crit)(f_s, f_t, idx, contrast, **kwargs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(crit, fullgraph=True, backend="aot_eager")(f_s, f_t, idx, contrast, **kwargs)
+    torch.testing.assert_close(got, crit(f_s, f_t, idx, contrast, **kwargs))
+
+    x = torch.rand(3, 2, 4, 4, device=device)
+    g = torch.randn_like(x)
+
+    def step(a, g, x):
+        return gacd_fast.pgd_step_(a, g, x, alpha=0.01, eps=0.03, backend="triton")
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(step)(x.clone(), g, x).graph_break_count == 0
+    a = x.clone()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(a, g, x)
+    assert torch.equal(a, step(x.clone(), g, x))
