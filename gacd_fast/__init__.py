@@ -6,6 +6,7 @@ from ._source_tree import map_kernels_package
 
 map_kernels_package()
 
+from ._checks import set_value_checks
 from .attacks import FGSM, PGD
 from .backends import available_backends, get_backend, set_backend
 from .functional import cosine_similarity, info_nce, nce_loss, normalize, pgd_random_start, pgd_step_
@@ -19,5 +20,5 @@ __all__ = [
     "GACDLoss", "Embed", "MemoryBank", "FeatureQueue", "teacher_weights",
     "PGD", "FGSM",
     "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "pgd_random_start",
-    "set_backend", "get_backend", "available_backends",
+    "set_backend", "get_backend", "available_backends", "set_value_checks",
 ]

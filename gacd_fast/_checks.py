@@ -3,11 +3,13 @@
 Each check raises TypeError (wrong kind or dtype), ValueError (wrong shape, value or option) or
 IndexError (index out of range) with a message that names the argument, what was expected and
 what came. Checks that read tensor values (index range, eps >= 0 on a tensor) synchronise with the
-device, so they are skipped while torch.compile traces a graph.
+device, so they are skipped while torch.compile traces a graph, and can be switched off with
+:func:`set_value_checks` for hot loops on a GPU.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -16,9 +18,22 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+_value_checks = os.environ.get("GACD_FAST_VALUE_CHECKS", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the checks that read tensor values (index ranges, eps >= 0 on tensors, images in
+    [0, 1]) on or off. Each costs a device synchronisation on a GPU; shape, dtype and device checks
+    always run. Default: on, unless the environment variable GACD_FAST_VALUE_CHECKS=0."""
+    global _value_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _value_checks = enabled
+
+
 def value_checks_enabled() -> bool:
-    """False while torch.compile traces: data-dependent checks would break the graph."""
-    return not torch.compiler.is_compiling()
+    """Off when switched off, and while torch.compile traces (they would break the graph)."""
+    return _value_checks and not torch.compiler.is_compiling()
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:

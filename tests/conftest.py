@@ -18,5 +18,7 @@ import gacd_fast  # noqa: E402
 def _seed_and_backend():
     torch.manual_seed(0)
     gacd_fast.set_backend(None)
+    gacd_fast.set_value_checks(True)
     yield
     gacd_fast.set_backend(None)
+    gacd_fast.set_value_checks(True)

@@ -73,3 +73,19 @@ x = torch.rand(3, 2, 2)
 def test_pgd_step_bad_inputs(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         gacd_fast.pgd_step_(*args, **kwargs)
+
+
+def test_value_checks_can_be_switched_off_but_shape_checks_stay():
+    idx = torch.full((4, 2), 10)
+    with pytest.raises(IndexError, match="neg_index"):
+        gacd_fast.info_nce(q, q, n, neg_index=idx)
+    gacd_fast.set_value_checks(False)  # no device sync: the range is not read
+    with pytest.raises(IndexError):  # torch's own indexing still refuses, just later
+        gacd_fast.info_nce(q, q, n, neg_index=idx)
+    x = torch.rand(3, 2, 2)
+    adv = x.clone()
+    gacd_fast.pgd_step_(adv, x, x, alpha=0.1, eps=torch.tensor([0.1, -0.2, 0.0]), backend="torch")  # not read
+    with pytest.raises(ValueError, match="positive must have shape"):
+        gacd_fast.info_nce(q, q[:3], n)
+    with pytest.raises(TypeError, match="enabled"):
+        gacd_fast.set_value_checks("no")
