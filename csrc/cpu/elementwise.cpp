@@ -180,6 +180,25 @@ at::Tensor normalize_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x
   return out;
 }
 
+// Dot product and inverse norms (with F.normalize's eps rule) of row r of a and b, in double.
+struct RowPair {
+  double ab, ia, ib;
+  bool pa, pb;  // ||row|| >= eps: the Jacobian's projection term applies
+};
+
+template <typename scalar_t>
+RowPair row_pair(const scalar_t* ap, const scalar_t* bp, int64_t r, int64_t D) {
+  double aa = 0, bb = 0;
+  RowPair p{0, 0, 0, false, false};
+  for (int64_t d = 0; d < D; ++d) {
+    const double x = ap[r * D + d], y = bp[r * D + d];
+    aa += x * x; bb += y * y; p.ab += x * y;
+  }
+  row_unit(aa, p.ia, p.pa);
+  row_unit(bb, p.ib, p.pb);
+  return p;
+}
+
 at::Tensor cosine_similarity_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   check_pair("cosine_similarity", a_in, b_in);
   const auto a = a_in.contiguous(), b = b_in.contiguous();
@@ -192,15 +211,8 @@ at::Tensor cosine_similarity_cpu(const at::Tensor& a_in, const at::Tensor& b_in)
     acc_t* op = out.data_ptr<acc_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        double aa = 0, bb = 0, ab = 0, ia, ib;
-        bool pa, pb;
-        for (int64_t d = 0; d < D; ++d) {
-          const double x = ap[r * D + d], y = bp[r * D + d];
-          aa += x * x; bb += y * y; ab += x * y;
-        }
-        row_unit(aa, ia, pa);
-        row_unit(bb, ib, pb);
-        op[r] = static_cast<acc_t>(ab * ia * ib);
+        const RowPair rp = row_pair(ap, bp, r, D);
+        op[r] = static_cast<acc_t>(rp.ab * rp.ia * rp.ib);
       }
     });
   });
@@ -224,14 +236,9 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(const at::Tens
     scalar_t* dbp = db.data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        double aa = 0, bb = 0, ab = 0, ia, ib;
-        bool pa, pb;
-        for (int64_t d = 0; d < D; ++d) {
-          const double x = ap[r * D + d], y = bp[r * D + d];
-          aa += x * x; bb += y * y; ab += x * y;
-        }
-        row_unit(aa, ia, pa);
-        row_unit(bb, ib, pb);
+        const RowPair rp = row_pair(ap, bp, r, D);
+        const double ab = rp.ab, ia = rp.ia, ib = rp.ib;
+        const bool pa = rp.pa, pb = rp.pb;
         const double cos = ab * ia * ib, gr = gp[r];
         // d cos / d a = ia * (bhat - [proj] ahat cos), and symmetrically for b.
         for (int64_t d = 0; d < D; ++d) {
