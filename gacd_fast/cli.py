@@ -15,8 +15,10 @@ from .distill import config as C
 
 SUBCOMMANDS: dict[str, tuple[type, str]] = {
     "demo": (C.DemoConfig, "the whole recipe on scikit-learn's digits in a few CPU minutes: adversarially train a "
-                           "teacher, train natural / AT / ARD / GACD / GACD-no-weighting students, evaluate all (--resume continues "
-                           "an interrupted run)"),
+                           "teacher, train natural / AT / ARD / GACD / GACD-no-weighting / feature-only GACD students, evaluate "
+                           "all and say which differences are inside the seed noise (--resume continues an interrupted run)"),
+    "study": (C.StudyConfig, "the demo's recipe over several seeds (--seeds 0 1 2) and banks (--banks memory queue batch): "
+                             "mean +- std of every metric in study.json/csv/png"),
     "train-teacher": (C.TeacherConfig, "adversarially train a teacher (PGD-AT or TRADES); writes <out>/teacher.pt"),
     "distill": (C.DistillConfig, "train a student (natural, at, ard, gacd, gacd_noweight) with the frozen teacher; "
                                  "writes <out>/<name>.pt"),
@@ -100,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             pipeline.demo(cfg)
+        elif args.command == "study":
+            pipeline.study(cfg)
         elif args.command == "train-teacher":
             pipeline.train_teacher(cfg)
         elif args.command == "distill":

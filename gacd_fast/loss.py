@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import backends, distributed
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
@@ -18,12 +18,13 @@ from ._checks import (
     check_same_device,
     check_tensor,
 )
-from .memory import FeatureQueue, MemoryBank
+from .memory import BatchNegatives, FeatureQueue, MemoryBank, NegativeBank
 from .ops.reference import NORM_EPS
 from .weighting import WEIGHTINGS, teacher_weights
 
 BANKS = ("memory", "queue", "batch")
 CRITICS = ("infonce", "nce")
+TEACHER_HEADS = ("frozen", "train")
 
 
 class Embed(nn.Module):
@@ -42,7 +43,7 @@ class GACDLoss(nn.Module):
 
     The query is the student's embedding of the (adversarial) input, the positive the teacher's
     embedding of the clean input (the anchor), the negatives teacher embeddings of other samples
-    from a memory; each sample is weighted by how far the teacher can be trusted on it.
+    from a bank; each sample is weighted by how far the teacher can be trusted on it.
 
     Args:
         student_dim, teacher_dim: widths of the student and teacher features (after flattening).
@@ -53,24 +54,29 @@ class GACDLoss(nn.Module):
         temperature: tau (CRD: 0.07).
         momentum: memory update rows <- normalize(m * rows + (1 - m) * new) (CRD: 0.5).
         bank: "memory" (CRD per-sample rows, needs ``index``), "queue" (MoCo FIFO) or "batch"
-            (in-batch negatives: the other samples' teacher embeddings of the batch, gradients
-            flowing to them; under torch.distributed the whole global batch).
+            (in-batch negatives: the other samples' teacher embeddings of the batch; under
+            torch.distributed the whole global batch). See :mod:`gacd_fast.memory`.
+        teacher_head: "frozen" (default): the teacher's embedding head is a fixed random linear
+            map, so the teacher embeddings are a fixed function of the frozen teacher and every
+            stored row stays exact; "train": trained with the loss, as CRD's ``embed_t`` (its
+            stored rows then go stale as it moves, and the loss can be lowered by telling fresh
+            rows from stale ones instead of samples apart: measured in docs/bank_study.md).
         weighting: "confidence" | "correct" | "none" (needs ``teacher_logits`` and ``targets``
             unless "none").
         critic: "infonce" (log-sum-exp) or "nce" (CRD's h = sigmoid(s/tau - log(K/num_data))).
         symmetric: also add the student-anchored term (teacher embedding as query against a
-            memory of student embeddings), as CRD does.
+            bank of student embeddings), as CRD does.
         reduction: "mean" (weighted mean), "sum" or "none" ([B]).
         backend: backend for the contrastive op (None: the current selection).
         distributed: act across a torch.distributed process group (None: when one is
             initialised): the loss is reduced over the global batch and scaled so that DDP's
             gradient average equals one process's gradient on the concatenated batch, and the
-            memories receive every rank's rows in rank order. Each rank's loss value is its share
+            banks receive every rank's rows in rank order. Each rank's loss value is its share
             times the world size (the ranks' mean is the global loss).
 
     Forward: ``loss(f_s, f_t, index=None, contrast_index=None, *, teacher_logits=None,
     targets=None, weights=None, update_bank=None)``. ``loss(f_s, f_t, idx, contrast_idx)`` is
-    RepDistiller's CRDLoss call. The memory is updated after the loss when ``update_bank`` (default:
+    RepDistiller's CRDLoss call. The bank is updated after the loss when ``update_bank`` (default:
     ``self.training``); keep it False while crafting attacks.
     """
 
@@ -85,6 +91,7 @@ class GACDLoss(nn.Module):
         temperature: float = 0.07,
         momentum: float = 0.5,
         bank: str = "memory",
+        teacher_head: str = "frozen",
         weighting: str = "confidence",
         critic: str = "infonce",
         symmetric: bool = False,
@@ -99,11 +106,12 @@ class GACDLoss(nn.Module):
         self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
         self.temperature = check_real("temperature", temperature, positive=True)
         self.bank_kind = check_option("bank", bank, BANKS)
+        self.teacher_head = check_option("teacher_head", teacher_head, TEACHER_HEADS)
         self.weighting = check_option("weighting", weighting, WEIGHTINGS)
         self.critic = check_option("critic", critic, CRITICS)
         self.reduction = check_option("reduction", reduction, gf.REDUCTIONS)
-        self.symmetric = bool(symmetric)
-        self.backend = backend
+        self.symmetric = check_bool("symmetric", symmetric)
+        self.backend = _check_backend_name(backend)
         if distributed is not None and not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
         self.distributed = distributed
@@ -114,14 +122,15 @@ class GACDLoss(nn.Module):
         self.num_data = num_data
         self.embed_s = Embed(student_dim, embed_dim)
         self.embed_t = Embed(teacher_dim, embed_dim)
+        if teacher_head == "frozen":
+            self.embed_t.requires_grad_(False)
+        self.bank_t = self._make_bank(embed_dim, momentum)  # teacher embeddings: negatives of the student query
+        self.bank_s = self._make_bank(embed_dim, momentum) if self.symmetric else None  # student embeddings
 
-        def make_memory() -> nn.Module | None:
-            if bank == "memory":
-                return MemoryBank(num_data, embed_dim, momentum)
-            return FeatureQueue(num_negatives, embed_dim) if bank == "queue" else None
-
-        self.memory_t = make_memory()  # teacher embeddings: negatives of the student query
-        self.memory_s = make_memory() if self.symmetric else None  # student embeddings
+    def _make_bank(self, dim: int, momentum: float) -> NegativeBank:
+        if self.bank_kind == "memory":
+            return MemoryBank(self.num_data, dim, momentum, self.num_negatives)
+        return FeatureQueue(self.num_negatives, dim) if self.bank_kind == "queue" else BatchNegatives()
 
     @classmethod
     def from_crd_opt(cls, opt: Any, **kwargs: Any) -> "GACDLoss":
@@ -131,28 +140,23 @@ class GACDLoss(nn.Module):
             temperature=opt.nce_t, momentum=opt.nce_m, **kwargs,
         )
 
-    def _term(self, query, positive, negatives, neg_index, weights, reduction):
-        if self.critic == "nce":
-            return gf.nce_loss(
-                query, positive, negatives, num_data=self.num_data, temperature=self.temperature,
-                weights=weights, neg_index=neg_index, reduction=reduction,
-            )
-        return gf.info_nce(
-            query, positive, negatives, temperature=self.temperature, weights=weights,
-            neg_index=neg_index, reduction=reduction, backend=self.backend,
-        )
+    def sample_contrast_index(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """CRD's ``contrast_idx`` [B, 1 + num_negatives] for dataset rows ``index`` [B]: column 0 the
+        sample, then sampled other rows. Pass it to several calls (an attack's and the training
+        loss's) to share their negatives. None for the queue and batch banks (nothing to sample)."""
+        if not isinstance(self.bank_t, MemoryBank):
+            return None
+        negs = self.bank_t.sample_negatives(index, generator=generator)
+        return torch.cat([index.long()[:, None], negs], 1)
 
-    @staticmethod
-    def _batch_negatives(keys: torch.Tensor, dist_on: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """In-batch negatives: (keys of the global batch, [B, N-1] index of every key but the row's own)."""
-        batch = keys.shape[0]
-        offset, total = distributed.rank_offset(batch, keys.device) if dist_on else (0, batch)
-        if total < 2:
-            raise ValueError("bank='batch' needs at least 2 samples in the (global) batch")
-        all_keys = distributed.all_gather_rows(keys, grad=True) if dist_on else keys
-        own = torch.arange(offset, offset + batch, device=keys.device)[:, None]
-        others = torch.arange(total - 1, device=keys.device)[None, :].expand(batch, -1)
-        return all_keys, others + (others >= own).long()
+    @torch.no_grad()
+    def prefill(self, f_t: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Write the teacher's embeddings of ``f_t`` [B, teacher_dim] (dataset rows ``index``) into the
+        bank exactly, e.g. the whole training set once before the first step, so the negatives are
+        real from the start. Meant for ``teacher_head="frozen"`` (the rows then stay exact)."""
+        check_tensor("f_t", f_t, min_ndim=2)
+        t = self.embed_t(f_t.to(self.embed_t.linear.weight.dtype))
+        self.bank_t.prefill(t, index)
 
     def forward(
         self,
@@ -172,79 +176,108 @@ class GACDLoss(nn.Module):
             index: [B] dataset indices (required for bank="memory").
             contrast_index: [B, 1 + K] CRD's sampled rows, positive in column 0 (ignored: the
                 anchor is the teacher's embedding of the sample itself); columns 1.. are the
-                negatives. Default: ``num_negatives`` rows drawn from all rows but the sample's.
+                negatives (bank="memory" only). Default: ``num_negatives`` rows drawn from all
+                rows but the sample's (see :meth:`sample_contrast_index`).
             teacher_logits [B, C], targets [B]: for the sample weights.
             weights: [B] explicit per-sample weights (override ``weighting``).
-            update_bank: update the memory with this batch (default: ``self.training``).
+            update_bank: update the bank with this batch (default: ``self.training``).
 
         Returns:
             float32 scalar (or [B] with reduction="none").
         """
+        batch = self._check_inputs(f_s, f_t, index, contrast_index, update_bank)
+        weights = self._weights(weights, teacher_logits, targets, batch)
+        if isinstance(self.bank_t, MemoryBank):
+            if index is None:
+                raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
+            index = self.bank_t.check_index("index", index, batch)
+        dist_on = distributed.active(self.distributed)
+        s, t = self.embed_s(f_s), self.embed_t(f_t)
+        if isinstance(self.bank_t, (MemoryBank, FeatureQueue)):  # match the rows' dtype (autocast gives half embeddings)
+            s, t = s.to(self.bank_t.rows.dtype), t.to(self.bank_t.rows.dtype)
+        loss = self._loss(s, t, index, contrast_index, weights, dist_on)
+        if self.training if update_bank is None else update_bank:
+            self.bank_t.update(t.detach(), index, dist_on=dist_on)
+            if self.bank_s is not None:
+                self.bank_s.update(s.detach(), index, dist_on=dist_on)
+        return loss
+
+    def _check_inputs(self, f_s, f_t, index, contrast_index, update_bank) -> int:
         check_tensor("f_s", f_s, min_ndim=2)
         check_tensor("f_t", f_t, min_ndim=2)
         if f_s.shape[0] != f_t.shape[0]:
             raise ValueError(f"f_s and f_t must have the same batch size, got {f_s.shape[0]} and {f_t.shape[0]}")
+        for name, value in (("index", index), ("contrast_index", contrast_index)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of dataset indices or None, got {type(value).__name__}")
+        if update_bank is not None:
+            check_bool("update_bank", update_bank)
         check_same_device(f_s=f_s, f_t=f_t, index=index, contrast_index=contrast_index)
         batch = f_s.shape[0]
-        if weights is None:
-            if self.weighting == "none":
-                weights = None
-            elif teacher_logits is None or targets is None:
+        if contrast_index is not None:
+            check_tensor("contrast_index", contrast_index, ndim=2, dtypes=INDEX_DTYPES)
+            if contrast_index.shape[0] != batch or contrast_index.shape[1] < 2:
                 raise ValueError(
-                    f"weighting={self.weighting!r} needs teacher_logits and targets; pass them, "
-                    "pass weights=, or build GACDLoss(..., weighting='none')"
+                    f"contrast_index must have shape ({batch}, 1 + K) with K >= 1, got {tuple(contrast_index.shape)}"
                 )
-            else:
-                weights = teacher_weights(teacher_logits, targets, self.weighting)
-                if weights.shape[0] != batch:
-                    raise ValueError(f"teacher_logits must have {batch} rows like f_s, got {weights.shape[0]}")
-        neg_index = None
-        if self.bank_kind == "memory":
-            if index is None:
-                raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
-            check_tensor("index", index, ndim=1, dtypes=INDEX_DTYPES)
-            if index.shape[0] != batch:
-                raise ValueError(f"index must have shape ({batch},), got {tuple(index.shape)}")
-            index = self.memory_t.check_index("index", index)
-            if contrast_index is not None:
-                check_tensor("contrast_index", contrast_index, ndim=2, dtypes=INDEX_DTYPES)
-                if contrast_index.shape[0] != batch or contrast_index.shape[1] < 2:
-                    raise ValueError(
-                        f"contrast_index must have shape ({batch}, 1 + K) with K >= 1, got {tuple(contrast_index.shape)}"
-                    )
+            if isinstance(self.bank_t, MemoryBank) and contrast_index.device.type != "meta":
                 check_index_range("contrast_index", contrast_index, self.num_data, "rows of the memory bank")
-                neg_index = contrast_index[:, 1:]
-            else:
-                neg_index = self.memory_t.sample_negatives(index, self.num_negatives)
+        return batch
 
-        dist_on = distributed.active(self.distributed)
+    def _weights(self, weights, teacher_logits, targets, batch: int) -> torch.Tensor | None:
+        """Explicit ``weights``, else the teacher's (None for weighting="none")."""
+        if weights is not None or self.weighting == "none":
+            return weights
+        if teacher_logits is None or targets is None:
+            raise ValueError(
+                f"weighting={self.weighting!r} needs teacher_logits and targets; pass them, "
+                "pass weights=, or build GACDLoss(..., weighting='none')"
+            )
+        weights = teacher_weights(teacher_logits, targets, self.weighting)
+        if weights.shape[0] != batch:
+            raise ValueError(f"teacher_logits must have {batch} rows like f_s, got {weights.shape[0]}")
+        return weights
+
+    def _loss(self, s, t, index, contrast_index, weights, dist_on: bool) -> torch.Tensor:
+        """The (weighted, reduced) contrastive term(s) against the banks' negatives."""
         reduction = "none" if dist_on else self.reduction
-        s, t = self.embed_s(f_s), self.embed_t(f_t)
-        if self.memory_t is not None:  # match the memory's dtype (autocast gives half embeddings)
-            s, t = s.to(self.memory_t.rows.dtype), t.to(self.memory_t.rows.dtype)
-        if self.bank_kind == "batch":
-            keys_t, neg_index = self._batch_negatives(t, dist_on)
-            keys_s = self._batch_negatives(s, dist_on)[0] if self.symmetric else None
-        else:
-            keys_t = self.memory_t.rows
-            keys_s = self.memory_s.rows if self.symmetric else None
-        loss = self._term(s, t, keys_t, neg_index, weights, reduction)
-        if self.symmetric:
-            loss = loss + self._term(t, s, keys_s, neg_index, weights, reduction)
-        if dist_on:
-            loss = distributed.global_reduce(loss, weights, self.reduction)
+        rows_t, neg_index = self._negatives(self.bank_t, t, index, contrast_index, dist_on)
+        loss = self._term(s, t, rows_t, neg_index, weights, reduction)
+        if self.bank_s is not None:  # the student-anchored term shares the sampled rows
+            shared = torch.cat([index[:, None], neg_index], 1) if isinstance(self.bank_s, MemoryBank) else None
+            rows_s, _ = self._negatives(self.bank_s, s, index, shared, dist_on)
+            loss = loss + self._term(t, s, rows_s, neg_index, weights, reduction)
+        return distributed.global_reduce(loss, weights, self.reduction) if dist_on else loss
 
-        if self.memory_t is not None and (self.training if update_bank is None else update_bank):
-            if dist_on:  # every rank stores every rank's rows, in rank order
-                t, s = distributed.all_gather_rows(t.detach()), distributed.all_gather_rows(s.detach())
-                index = distributed.all_gather_rows(index) if index is not None else None
-            self._update(self.memory_t, t, index)
-            if self.symmetric:
-                self._update(self.memory_s, s, index)
-        return loss
+    @staticmethod
+    def _negatives(bank, keys, index, contrast_index, dist_on):
+        if contrast_index is not None and isinstance(bank, MemoryBank):
+            return bank.rows, contrast_index[:, 1:].long()
+        return bank.negatives(keys, index, dist_on=dist_on)
 
-    def _update(self, memory: nn.Module, values: torch.Tensor, index: torch.Tensor | None) -> None:
-        if isinstance(memory, MemoryBank):
-            memory.update(index, values)
-        else:
-            memory.enqueue(values)
+    def _term(self, query, positive, negatives, neg_index, weights, reduction):
+        if self.critic == "nce":
+            return gf.nce_loss(
+                query, positive, negatives, num_data=self.num_data, temperature=self.temperature,
+                weights=weights, neg_index=neg_index, reduction=reduction,
+            )
+        return gf.info_nce(
+            query, positive, negatives, temperature=self.temperature, weights=weights,
+            neg_index=neg_index, reduction=reduction, backend=self.backend,
+        )
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_backend_name(backend: object) -> str | None:
+    """None, "auto" or a registered backend name (checked now, not at the first forward)."""
+    if backend is None or backend == "auto":
+        return backend  # type: ignore[return-value]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    backends.unavailable_reason(backend)  # ValueError naming the known backends when unknown
+    return backend

@@ -1,9 +1,21 @@
-"""Memories of embeddings that supply the negatives: CRD's per-sample bank and MoCo's queue.
+"""Sources of negatives for GACDLoss: one small interface, three kinds.
 
-Both keep their rows in buffers (state_dict, ``.to(device)``). Updates replace the buffer with an
-updated copy instead of writing in place: the rows handed to the loss may be saved by autograd for
-backward (by any backend), and an in-place write would corrupt that graph. The copy is one bank's
-size per step, small next to a training step's forward and backward.
+A :class:`NegativeBank` answers two questions per batch: which rows are the negatives of each
+query (:meth:`~NegativeBank.negatives`), and what to remember of this batch afterwards
+(:meth:`~NegativeBank.update`). :meth:`~NegativeBank.prefill` writes exact rows before training.
+
+- :class:`MemoryBank` (CRD): one row per training sample, momentum-updated; negatives are
+  ``num_negatives`` rows sampled per query (never the query's own row).
+- :class:`FeatureQueue` (MoCo): a FIFO of the last ``size`` embeddings; every row is a negative.
+- :class:`BatchNegatives`: the other samples' keys of the (global) batch; nothing is stored.
+
+Stored rows are constants (no gradient). Updates replace the buffer with an updated copy instead of
+writing in place: the rows handed to the loss may be saved by autograd for backward (by any
+backend), and an in-place write would corrupt that graph. The copy is one bank's size per step,
+small next to a training step's forward and backward.
+
+Under torch.distributed every rank stores every rank's rows, in rank order, so the banks stay
+identical on every rank and N processes compute what one process does on the global batch.
 """
 from __future__ import annotations
 
@@ -13,20 +25,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_index_range, check_int, check_real, check_tensor, INDEX_DTYPES
+from . import distributed
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_int,
+    check_real,
+    check_tensor,
+    value_checks_enabled,
+)
 from .ops.reference import NORM_EPS
 
 
-class MemoryBank(nn.Module):
+class NegativeBank(nn.Module):
+    """The interface GACDLoss uses; subclasses hold the rows (if any) and the update rule."""
+
+    #: whether :meth:`negatives` needs the samples' dataset indices
+    needs_index = False
+
+    def negatives(
+        self,
+        keys: torch.Tensor,
+        index: torch.Tensor | None = None,
+        *,
+        dist_on: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Negatives of a batch whose own keys (the positives) are ``keys`` [B, D].
+
+        Returns ``(rows [N, D], neg_index)``: ``neg_index`` None means every row is a negative of
+        every query, else [B, M] int64 rows of ``rows`` per query.
+        """
+        raise NotImplementedError
+
+    def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
+        """Remember the batch's ``keys`` [B, D] (dataset rows ``index`` [B]); no-op by default."""
+
+    def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Write exact rows (no momentum), e.g. the frozen teacher's embeddings of the training set
+        before the first step; no-op by default."""
+
+    # -- shared by the kinds that store rows -----------------------------------------------
+    def _check_rows(self, name: str, values: torch.Tensor, dim: int) -> torch.Tensor:
+        """[B, dim] floating rows, finite (a NaN/inf row would poison every later loss)."""
+        check_tensor(name, values, ndim=2, dtypes=FLOAT_DTYPES)
+        if values.shape[1] != dim:
+            raise ValueError(f"{name} must have shape (B, {dim}) (one row per sample), got {tuple(values.shape)}")
+        if value_checks_enabled() and values.device.type != "meta" and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} holds NaN or inf; refusing to store them in the {type(self).__name__} "
+                             "(nothing was written)")
+        return values.detach()
+
+    @staticmethod
+    def _gather(values: torch.Tensor, index: torch.Tensor | None, dist_on: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every rank's rows (and indices) in rank order under torch.distributed."""
+        if not dist_on:
+            return values, index
+        values = distributed.all_gather_rows(values)
+        return values, distributed.all_gather_rows(index) if index is not None else None
+
+
+class MemoryBank(NegativeBank):
     """CRD-style memory: one row per training sample, updated with momentum.
 
-    ``rows``: [num_data, dim] float32, initialised U(-stdv, stdv) with stdv = 1/sqrt(dim/3) as in CRD.
+    ``rows``: [num_data, dim] float32, initialised U(-stdv, stdv) with stdv = 1/sqrt(dim/3) as in
+    CRD (until :meth:`prefill` or the sample's first update replaces it).
     """
 
-    def __init__(self, num_data: int, dim: int, momentum: float = 0.5) -> None:
+    needs_index = True
+
+    def __init__(self, num_data: int, dim: int, momentum: float = 0.5, num_negatives: int = 16384) -> None:
         super().__init__()
         check_int("num_data", num_data, minimum=2)
         check_int("dim", dim, minimum=1)
+        self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
         self.momentum = check_real("momentum", momentum)
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -37,28 +110,60 @@ class MemoryBank(nn.Module):
     def num_data(self) -> int:
         return self.rows.shape[0]
 
-    def sample_negatives(self, index: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
+
+    def check_index(self, name: str, index: object, batch: int | None = None) -> torch.Tensor:
+        """[B] int32/int64 dataset rows in [0, num_data) -> int64."""
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of dataset indices, got {type(index).__name__}")
+        check_tensor(name, index, ndim=1, dtypes=INDEX_DTYPES)
+        if batch is not None and index.shape[0] != batch:
+            raise ValueError(f"{name} must have shape ({batch},) (one dataset index per sample), got {tuple(index.shape)}")
+        if index.device.type != "meta":
+            check_index_range(name, index, self.num_data, "rows of the memory bank (dataset indices)")
+        return index.long()
+
+    def sample_negatives(self, index: torch.Tensor, k: int | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
         """[B] sample rows -> [B, k] int64 rows drawn uniformly (with replacement) from the other rows.
 
         A sample's own row is never drawn: draw from num_data - 1 values and skip over ``index``.
+        ``k`` defaults to ``num_negatives``.
         """
+        index = self.check_index("index", index)
+        k = self.num_negatives if k is None else check_int("k", k, minimum=1)
         r = torch.randint(self.num_data - 1, (index.shape[0], k), device=index.device, generator=generator)
         return r + (r >= index[:, None]).long()
 
+    def negatives(self, keys, index=None, *, dist_on=False, generator=None):
+        if index is None:
+            raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
+        return self.rows, self.sample_negatives(index, generator=generator)
+
     @torch.no_grad()
-    def update(self, index: torch.Tensor, values: torch.Tensor) -> None:
-        """rows[index] <- normalize(m * rows[index] + (1 - m) * values) (out of place, see module doc)."""
-        v = values.detach().to(self.rows.dtype)
-        mixed = self.rows[index] * self.momentum + v * (1 - self.momentum)
+    def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
+        """rows[index] <- normalize(m * rows[index] + (1 - m) * keys) (out of place, see module doc)."""
+        if index is None:
+            raise ValueError("MemoryBank.update needs index, the [B] dataset indices of the rows")
+        v = self._check_rows("keys", keys, self.dim)
+        index = self.check_index("index", index, v.shape[0])
+        v, index = self._gather(v, index, dist_on)
+        mixed = self.rows[index] * self.momentum + v.to(self.rows.dtype) * (1 - self.momentum)
         self.rows = self.rows.index_copy(0, index, F.normalize(mixed, dim=1, eps=NORM_EPS))
 
-    def check_index(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        check_tensor(name, index, ndim=1, dtypes=INDEX_DTYPES)
-        check_index_range(name, index, self.num_data, "rows of the memory bank (dataset indices)")
-        return index.long()
+    @torch.no_grad()
+    def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """rows[index] <- normalize(keys), exactly."""
+        if index is None:
+            raise ValueError("MemoryBank.prefill needs index, the [B] dataset indices of the rows")
+        v = self._check_rows("keys", keys, self.dim)
+        index = self.check_index("index", index, v.shape[0])
+        self.rows = self.rows.index_copy(0, index, F.normalize(v.to(self.rows.dtype), dim=1, eps=NORM_EPS))
 
 
-class FeatureQueue(nn.Module):
+class FeatureQueue(NegativeBank):
     """MoCo-style FIFO of the last ``size`` embeddings; starts as random unit rows like MoCo.
 
     ``rows``: [size, dim] float32; ``ptr``: int64 scalar, the next row to overwrite (kept a tensor
@@ -72,11 +177,35 @@ class FeatureQueue(nn.Module):
         self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
+    def negatives(self, keys, index=None, *, dist_on=False, generator=None):
+        return self.rows, None
+
     @torch.no_grad()
     def enqueue(self, values: torch.Tensor) -> None:
         """Write ``values`` [B, dim] over the oldest rows, in order (only the last ``size`` if B > size)."""
         size = self.rows.shape[0]
-        v = values.detach().to(self.rows.dtype)[-size:]
+        v = self._check_rows("values", values, self.rows.shape[1]).to(self.rows.dtype)[-size:]
         slots = (self.ptr + torch.arange(v.shape[0], device=v.device)) % size
         self.rows = self.rows.index_copy(0, slots, v)
         self.ptr = (self.ptr + v.shape[0]) % size
+
+    def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
+        self.enqueue(self._gather(self._check_rows("keys", keys, self.rows.shape[1]), None, dist_on)[0])
+
+    def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        self.enqueue(keys)
+
+
+class BatchNegatives(NegativeBank):
+    """In-batch negatives: every other key of the batch (of the global batch under
+    torch.distributed, gathered with gradients so that each rank's keys get theirs back)."""
+
+    def negatives(self, keys, index=None, *, dist_on=False, generator=None):
+        batch = keys.shape[0]
+        offset, total = distributed.rank_offset(batch, keys.device) if dist_on else (0, batch)
+        if total < 2:
+            raise ValueError("bank='batch' needs at least 2 samples in the (global) batch")
+        all_keys = distributed.all_gather_rows(keys, grad=True) if dist_on else keys
+        own = torch.arange(offset, offset + batch, device=keys.device)[:, None]
+        others = torch.arange(total - 1, device=keys.device)[None, :].expand(batch, -1)
+        return all_keys, others + (others >= own).long()

@@ -46,4 +46,4 @@ def test_gacd_loss_has_no_graph_break_and_matches_eager():
     want.backward()
     assert_close(got, want, torch.float32, "loss")
     assert_close(crit.embed_s.linear.weight.grad, twin.embed_s.linear.weight.grad, torch.float32, "head grad")
-    assert_close(crit.memory_t.rows, twin.memory_t.rows, torch.float32, "memory after update")
+    assert_close(crit.bank_t.rows, twin.bank_t.rows, torch.float32, "memory after update")

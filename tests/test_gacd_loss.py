@@ -21,33 +21,37 @@ def test_memory_loss_equals_info_nce_on_embeddings():
     f_s, f_t = feats()
     idx = torch.arange(6)
     contrast = torch.randint(50, (6, 21))
-    bank_before = crit.memory_t.rows.clone()
+    bank_before = crit.bank_t.rows.clone()
     loss = crit(f_s, f_t, idx, contrast)
     s, t = crit.embed_s(f_s), crit.embed_t(f_t)
     want = reference.info_nce_rows(s, t, bank_before, contrast[:, 1:], 0.07, True).mean()
     assert_close(loss, want, torch.float32, "loss")
     loss.backward()
-    assert f_s.grad is not None and crit.embed_t.linear.weight.grad is not None
+    assert f_s.grad is not None and crit.embed_s.linear.weight.grad is not None
+    assert crit.embed_t.linear.weight.grad is None, "teacher_head='frozen' (the default) takes no gradient"
+    trained = GACDLoss(10, 14, num_data=50, embed_dim=8, num_negatives=20, weighting="none", teacher_head="train")
+    trained(f_s, f_t, idx, contrast).backward()
+    assert trained.embed_t.linear.weight.grad is not None
 
 
 def test_memory_update_momentum_and_only_when_training():
     crit = GACDLoss(10, 14, num_data=50, embed_dim=8, num_negatives=5, weighting="none", momentum=0.5)
     f_s, f_t = feats()
     idx = torch.tensor([3, 7, 9, 11, 20, 49])
-    before = crit.memory_t.rows.clone()
+    before = crit.bank_t.rows.clone()
     crit.eval()
     crit(f_s, f_t, idx)
-    assert torch.equal(crit.memory_t.rows, before), "eval mode must not touch the memory"
+    assert torch.equal(crit.bank_t.rows, before), "eval mode must not touch the memory"
     crit.train()
     crit(f_s, f_t, idx)
     t = crit.embed_t(f_t).detach()
     want = F.normalize(0.5 * before[idx] + 0.5 * t, dim=1)
-    assert_close(crit.memory_t.rows[idx], want, torch.float32, "updated rows")
+    assert_close(crit.bank_t.rows[idx], want, torch.float32, "updated rows")
     others = torch.ones(50, dtype=torch.bool)
     others[idx] = False
-    assert torch.equal(crit.memory_t.rows[others], before[others])
+    assert torch.equal(crit.bank_t.rows[others], before[others])
     crit(f_s, f_t, idx, update_bank=False)  # e.g. inside an attack
-    assert_close(crit.memory_t.rows[idx], want, torch.float32, "unchanged with update_bank=False")
+    assert_close(crit.bank_t.rows[idx], want, torch.float32, "unchanged with update_bank=False")
 
 
 def test_sampled_negatives_never_include_own_row():
@@ -75,11 +79,11 @@ def test_queue_is_fifo_in_order():
 def test_queue_mode_uses_whole_queue_then_enqueues_teacher():
     crit = GACDLoss(10, 14, embed_dim=8, num_negatives=16, bank="queue", weighting="none")
     f_s, f_t = feats()
-    before = crit.memory_t.rows.clone()
+    before = crit.bank_t.rows.clone()
     loss = crit(f_s, f_t)
     s, t = crit.embed_s(f_s), crit.embed_t(f_t)
     assert_close(loss, reference.info_nce_rows(s, t, before, None, 0.07, True).mean(), torch.float32, "loss")
-    assert_close(crit.memory_t.rows[:6], t, torch.float32, "enqueued teacher embeddings")
+    assert_close(crit.bank_t.rows[:6], t, torch.float32, "enqueued teacher embeddings")
     loss.backward()  # the enqueue after forward must not break backward
 
 
@@ -118,13 +122,13 @@ def test_symmetric_and_nce_critic():
     loss = crit(f_s, f_t, idx, contrast)
     s, t = crit.embed_s(f_s), crit.embed_t(f_t)
     neg = contrast[:, 1:]
-    want = (reference.nce_rows(s, t, crit.memory_t.rows, neg, 0.07, True, 30).mean()
-            + reference.nce_rows(t, s, crit.memory_s.rows, neg, 0.07, True, 30).mean())
+    want = (reference.nce_rows(s, t, crit.bank_t.rows, neg, 0.07, True, 30).mean()
+            + reference.nce_rows(t, s, crit.bank_s.rows, neg, 0.07, True, 30).mean())
     assert_close(loss, want, torch.float32, "symmetric nce")
     crit.train()
-    before_s = crit.memory_s.rows.clone()
+    before_s = crit.bank_s.rows.clone()
     crit(f_s, f_t, idx, contrast)
-    assert not torch.equal(crit.memory_s.rows[idx], before_s[idx])
+    assert not torch.equal(crit.bank_s.rows[idx], before_s[idx])
 
 
 def test_crd_drop_in_from_opt_and_flattening():
@@ -146,7 +150,7 @@ def test_state_dict_round_trip():
     other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     for (k, a), (_, b) in zip(crit.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
-    assert {"memory_t.rows", "memory_t.ptr", "memory_s.rows"} <= set(crit.state_dict())
+    assert {"bank_t.rows", "bank_t.ptr", "bank_s.rows"} <= set(crit.state_dict())
 
 
 def test_toy_problem_loss_goes_down():

@@ -141,7 +141,7 @@ def test_tiny_demo_then_evaluate(tmp_path, capsys):
     assert main(["demo", "--out", out, "--teacher-epochs", "1", "--student-epochs", "2", "--attack-steps", "1",
                  "--probe-epochs", "2", "--eps-sweep", "3", *tiny]) == 0
     captured = capsys.readouterr()
-    names = ("teacher", "natural", "at", "ard", "gacd", "gacd_noweight")
+    names = ("teacher", "natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
     for name in names:
         assert os.path.isfile(os.path.join(out, f"{name}.pt"))
         assert not os.path.exists(os.path.join(out, f"{name}.state.pt"))  # superseded by the final checkpoint
@@ -153,6 +153,7 @@ def test_tiny_demo_then_evaluate(tmp_path, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     log = open(os.path.join(out, "log.txt")).read()
     assert "[gacd] epoch   2/2 loss" in log and "[teacher] epoch   1/1 loss" in log
+    assert "differences to gacd" in log and "pgd20" in log.split("differences to gacd")[1]  # the seed-noise statement
     doc = json.load(open(os.path.join(out, "results.json")))
     check_results_schema(doc, names)
     assert doc["dataset"] == "digits" and doc["eps"] == 0.2 and doc["device"] == "cpu"

@@ -1,4 +1,6 @@
 """Each training method runs a couple of tiny steps; the teacher stays frozen and in eval mode."""
+import copy
+
 import pytest
 import torch
 
@@ -40,14 +42,17 @@ def test_student_methods(tiny, method):
     obj = build_student_method(method, ATTACK, teacher=teacher, student_dim=student.feature_dim, num_data=len(tr),
                                num_negatives=16, ard_kl_reduction="batchmean")
     w0 = student.fc.weight.detach().clone()
+    conv0 = student.body[0][0].weight.detach().clone()
     fit(student, obj, tr, epochs=1, batch_size=24, lr=0.05, device=torch.device("cpu"), log=lambda s: None)
-    assert not torch.equal(w0, student.fc.weight)  # the student learned
+    assert not torch.equal(conv0, student.body[0][0].weight)  # the student learned
+    # the feature-only student never sees a label: its classifier gets no gradient
+    assert torch.equal(w0, student.fc.weight) == (method == "gacd_feature")
     if obj.needs_teacher:
         assert not teacher.training  # frozen and in eval mode (BN statistics unchanged)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
     if method.startswith("gacd"):
-        assert obj.criterion.weighting == ("none" if method == "gacd_noweight" else "confidence")
+        assert obj.criterion.weighting == ("none" if method in ("gacd_noweight", "gacd_feature") else "confidence")
         assert all(not p.requires_grad for p in teacher.parameters())
         assert not any(p is q for p in obj.parameters() for q in teacher.parameters())
 
@@ -59,12 +64,12 @@ def test_gacd_guided_attack_and_clean_ce(tiny):
     obj = build_student_method("gacd", ATTACK, teacher=teacher, student_dim=student.feature_dim, num_data=len(tr),
                                num_negatives=8, attack_objective="guided", ce_input="clean")
     assert isinstance(obj, GACD)
-    rows0 = obj.criterion.memory_t.rows.clone()
+    rows0 = obj.criterion.bank_t.rows.clone()
     x, y = tr.batch(torch.arange(12)), tr.labels[:12]
     out = obj.step(student, x, y, torch.arange(12))
     out.loss.backward()
     assert torch.isfinite(out.loss) and set(out.parts) == {"ce", "gacd"}
-    changed = (obj.criterion.memory_t.rows != rows0).any(1)
+    changed = (obj.criterion.bank_t.rows != rows0).any(1)
     assert changed[:12].all() and not changed[12:].any()  # only the batch's rows; the attack never updates
 
 
@@ -77,7 +82,7 @@ def test_method_errors():
         build_teacher_method("natural", ATTACK)
     with pytest.raises(ValueError, match="student method must be one of"):
         build_student_method("pgd_at", ATTACK)  # the old name: now "at"
-    assert STUDENT_METHODS == ("natural", "at", "ard", "gacd", "gacd_noweight")
+    assert STUDENT_METHODS == ("natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
 
 
 def test_checkpoint_roundtrip(tmp_path):
@@ -90,3 +95,32 @@ def test_checkpoint_roundtrip(tmp_path):
     assert torch.allclose(m(x)[1], m2(x)[1]) and meta["config"] == {"a": 1} and not m2.training
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_feature_only_gacd_uses_no_labels(tiny):
+    """gacd_feature: the same step with shuffled labels gives the same loss (guided attack, no CE, no weights)."""
+    tr, _ = tiny
+    teacher = build_model("small_cnn_teacher", 10, 1)
+    student = build_model("small_cnn_student", 10, 1)
+    obj = build_student_method("gacd_feature", ATTACK, teacher=teacher, student_dim=student.feature_dim,
+                               num_data=len(tr), num_negatives=16)
+    assert obj.attack_objective == "guided" and obj.ce_weight == 0
+    x, y, idx = tr.batch(torch.arange(8)), tr.labels[:8], torch.arange(8)
+    losses = []
+    for labels in (y, (y + 3) % 10):
+        torch.manual_seed(0)  # a fresh copy each time: a step updates BatchNorm's running statistics
+        losses.append(obj.step(copy.deepcopy(student), x, labels, idx).loss.item())
+    assert losses[0] == losses[1]
+
+
+def test_gacd_prefill_writes_the_teacher_embeddings(tiny):
+    """fit() calls prepare(): the memory starts as the teacher's exact embeddings of the training set."""
+    tr, _ = tiny
+    teacher = build_model("small_cnn_teacher", 10, 1).eval()
+    student = build_model("small_cnn_student", 10, 1)
+    obj = build_student_method("gacd", ATTACK, teacher=teacher, student_dim=student.feature_dim, num_data=len(tr),
+                               num_negatives=16)
+    obj.prepare(tr, "cpu")
+    with torch.no_grad():
+        want = obj.criterion.embed_t(teacher(tr.batch(torch.arange(len(tr))))[0])
+    torch.testing.assert_close(obj.criterion.bank_t.rows, want)

@@ -53,7 +53,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         run(res, [stop])
     assert os.path.isfile(os.path.join(res, "gacd.state.pt")) and not os.path.exists(os.path.join(res, "gacd.pt"))
     state = torch.load(os.path.join(res, "gacd.state.pt"), weights_only=True)
-    assert state["epoch"] == 1 and "criterion.memory_t.rows" in state["method"]
+    assert state["epoch"] == 1 and "criterion.bank_t.rows" in state["method"]
     assert {"optimizer", "scheduler", "loader_generator", "rng", "history"} <= set(state)
 
     seen = []

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from .atomic import atomic_write_text
 
-DATASET_CHOICES = ("digits", "cifar10", "cifar100", "stl10")
+DATASET_CHOICES = ("digits", "mnist5k", "cifar10", "cifar100", "stl10")
 MODEL_CHOICES = ("small_cnn_teacher", "small_cnn_student", "resnet18", "preact_resnet18", "wrn_34_10", "mobilenetv2")
-STUDENT_CHOICES = ("natural", "at", "ard", "gacd", "gacd_noweight")
+STUDENT_CHOICES = ("natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
 TEACHER_METHOD_CHOICES = ("at", "trades")
 
 T = TypeVar("T")
@@ -63,6 +63,19 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         # (the teacher's too) falls to ~0% at eps 0.2, while at 0.1 robust and natural features differ
         # (measured: teacher 38%, GACD 31%, natural 0.3%)
         probe_eps=DIGITS_EPS / 2,
+        # the same-task probe on frozen features (feature-only transfer) is attacked at 0.15: there the
+        # natural student's probe is ~1% and the teacher's ~68% (3 seeds, docs/bank_study.md)
+        feature_probe_eps=0.15,
+        teacher_epochs=15, student_epochs=12,
+    ),
+    "mnist5k": dict(
+        # MNIST's standard L-inf radius 0.3 (Madry et al.); PGD-5 with step eps/4 as on digits, to keep CPU runs short
+        eps=0.3, alpha=0.3 / 4, attack_steps=5,
+        batch_size=128, epochs=8, lr=0.05, momentum=0.9, weight_decay=5e-4,
+        teacher_model="small_cnn_teacher", student_model="small_cnn_student",
+        num_negatives=1024, ard_kl_reduction="batchmean", transfer="none", probe_eps=0.15,
+        feature_probe_eps=0.2,
+        teacher_epochs=10, student_epochs=8,
     ),
     "cifar10": dict(
         # ARD main.py: PGD-10, eps 8/255, step 2/255; SGD lr 0.1, momentum 0.9, wd 2e-4, 200 epochs, batch 128
@@ -72,19 +85,19 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         teacher_model="wrn_34_10", student_model="resnet18",
         num_negatives=16384,  # CRD train_student.py: nce_k=16384
         ard_kl_reduction="mean",  # ARD main.py: nn.KLDivLoss() default (element-wise) mean
-        transfer="stl10", probe_eps=8 / 255,
+        transfer="stl10", probe_eps=8 / 255, feature_probe_eps=8 / 255,
     ),
     "cifar100": dict(
         eps=8 / 255, alpha=2 / 255, attack_steps=10,
         batch_size=256,  # ARD main.py: batch 256 on CIFAR-100
         epochs=200, lr=0.1, momentum=0.9, weight_decay=2e-4,
         teacher_model="wrn_34_10", student_model="resnet18", num_negatives=16384, transfer="stl10",
-        ard_kl_reduction="mean", probe_eps=8 / 255,
+        ard_kl_reduction="mean", probe_eps=8 / 255, feature_probe_eps=8 / 255,
     ),
     "stl10": dict(
         eps=8 / 255, alpha=2 / 255, attack_steps=10, batch_size=128, epochs=200, lr=0.1, momentum=0.9,
         weight_decay=2e-4, teacher_model="wrn_34_10", student_model="resnet18", num_negatives=4096,
-        ard_kl_reduction="mean", transfer="none", probe_eps=8 / 255,
+        ard_kl_reduction="mean", transfer="none", probe_eps=8 / 255, feature_probe_eps=8 / 255,
     ),
 }
 
@@ -138,7 +151,7 @@ class DistillConfig(RunConfig, OptimConfig):
     out_dir: str = opt("runs/distill", "output folder (<name>.pt, config, log)", flag="--out", aliases=("--out-dir",))
     teacher: str | None = opt(None, "teacher checkpoint (from train-teacher); needed by ard, gacd and gacd_noweight")
     student: str | None = opt(None, "student architecture (default: digits small_cnn_student, CIFAR resnet18)", choices=MODEL_CHOICES)
-    method: str = opt("gacd", "natural | at (PGD adversarial training) | ard | gacd | gacd_noweight (GACD with weighting=none, the ablation)", choices=STUDENT_CHOICES)
+    method: str = opt("gacd", "natural | at (PGD adversarial training) | ard | gacd | gacd_noweight (GACD with weighting=none, the ablation) | gacd_feature (feature-only transfer: the GACD loss alone, no labels, the guided attack; judge it by the probe columns of evaluate)", choices=STUDENT_CHOICES)
     name: str | None = opt(None, "checkpoint name (default: the method)")
     ard_temperature: float = opt(30.0, "ARD distillation temperature T (ARD main.py: 30)")
     ard_alpha: float = opt(1.0, "ARD weight of the KL term; 1-alpha weights clean CE (ARD main.py: 1.0)")
@@ -147,11 +160,14 @@ class DistillConfig(RunConfig, OptimConfig):
     num_negatives: int | None = opt(None, "GACD negatives per sample from the memory (CRD: nce_k 16384; digits 1024)")
     nce_temperature: float = opt(0.07, "GACD contrastive temperature tau (CRD: nce_t 0.07)")
     nce_momentum: float = opt(0.5, "GACD memory momentum (CRD: nce_m 0.5)")
+    bank: str = opt("memory", "GACD negatives: memory (CRD per-sample rows, sampled) | queue (MoCo FIFO) | batch (in-batch); see docs/bank_study.md", choices=("memory", "queue", "batch"))
+    teacher_head: str = opt("frozen", "GACD teacher embedding head: frozen (fixed random map: the stored rows stay exact) | train (CRD's trained embed_t: stored rows go stale; measured to degenerate, docs/bank_study.md)", choices=("frozen", "train"))
+    prefill_bank: bool = opt(True, "write the teacher's embeddings of the training set into the GACD bank before the first step (--no-prefill-bank: start from CRD's random rows)")
     weighting: str = opt("confidence", "GACD sample reweighting: confidence (teacher's true-class prob) | correct | none", choices=("confidence", "correct", "none"))
     gacd_weight: float = opt(1.0, "weight of the GACD contrastive loss (CRD recommends beta 0.8; tuned on digits)")
     ce_weight: float = opt(1.0, "weight of the student's cross-entropy term in GACD")
     ce_input: str = opt("adv", "GACD's CE term on the adversarial (adv) or clean (clean) input", choices=("adv", "clean"))
-    attack_objective: str = opt("ce", "GACD training attack: ce (student CE, ARD style) | guided (maximise the GACD loss against the teacher's clean anchors)", choices=("ce", "guided"))
+    attack_objective: str = opt("ce", "GACD training attack: ce (student CE, ARD style) | guided (GACD's own: maximise the GACD loss of the student against the teacher's clean anchors, no labels)", choices=("ce", "guided"))
 
 
 @dataclass
@@ -170,25 +186,39 @@ class EvaluateConfig(RunConfig):
     probe_epochs: int = opt(60, "epochs of the linear probe on frozen features")
     eps_sweep: int = opt(5, "points of the robust-accuracy-vs-eps plot: PGD-(--pgd-steps) on the test set at eps 0 .. 1.5 x --eps (0: no sweep)")
     probe_eps: float | None = opt(None, "L-inf radius of the PGD attack on the transfer probe (default: digits 0.1 = eps/2, CIFAR 8/255)")
+    feature_probe: bool = opt(True, "train a linear probe on each model's frozen features of the same task and report its clean and PGD accuracy (probe_clean, probe_pgd20): how the feature-only students (gacd_feature) are judged")
+    feature_probe_eps: float | None = opt(None, "L-inf radius of the PGD attack on the same-task probe (default: digits 0.15, mnist5k 0.2, CIFAR 8/255)")
+    autoattack: int = opt(0, "also run AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; torchattacks) at --eps on this many test images (0: off)")
 
 
 @dataclass
 class DemoConfig(RunConfig):
-    """demo: the whole recipe on the digits in a few minutes of CPU."""
+    """demo: the whole recipe (teacher, every student, evaluation) in a few minutes of CPU on the digits."""
 
     out_dir: str = opt("runs/demo", "output folder", flag="--out", aliases=("--out-dir",))
     teacher_method: str = opt("at", "at | trades", choices=TEACHER_METHOD_CHOICES)
-    teacher_epochs: int = opt(15, "teacher epochs")
-    student_epochs: int = opt(12, "epochs of each student")
+    teacher_epochs: int | None = opt(None, "teacher epochs (default: digits 15, mnist5k 10)")
+    student_epochs: int | None = opt(None, "epochs of each student (default: digits 12, mnist5k 8)")
     methods: list[str] = opt(list(STUDENT_CHOICES), "students to train", nargs="+", choices=STUDENT_CHOICES)
+    banks: list[str] = opt(["memory"], "GACD bank(s): each GACD method is trained once per bank (named <method>_<bank> when several)", nargs="+", choices=("memory", "queue", "batch"))
     eps: float | None = opt(None, "L-inf radius for training and evaluation (default: digits 0.2)")
     attack_steps: int | None = opt(None, "PGD steps of the training attacks (default 5 on digits)")
     lr: float | None = opt(None, "SGD learning rate (default 0.05)")
     gacd_weight: float = opt(1.0, "weight of the GACD loss")
     ce_input: str = opt("adv", "GACD's CE term on adv or clean input", choices=("adv", "clean"))
-    attack_objective: str = opt("ce", "GACD training attack: ce | guided", choices=("ce", "guided"))
+    attack_objective: str = opt("ce", "attack of the gacd / gacd_noweight students: ce (student CE) | guided (GACD's own: maximise the GACD loss against the teacher's clean anchors); gacd_feature always uses guided", choices=("ce", "guided"))
     probe_epochs: int = opt(60, "epochs of the transfer linear probe")
     eps_sweep: int = opt(5, "points of the robust-accuracy-vs-eps plot (PGD-20 at eps 0 .. 1.5 x eps; 0: none)")
+    autoattack: int = opt(0, "also run AutoAttack (standard version) on this many test images (0: off; about a minute for 360 digits)")
+
+
+@dataclass
+class StudyConfig(DemoConfig):
+    """study: the demo's recipe over several seeds; mean +- std of every metric (study.json/csv/png)."""
+
+    out_dir: str = opt("runs/study", "output folder (one seed<N>/ run folder per seed, study.json/csv/png)", flag="--out", aliases=("--out-dir",))
+    seeds: list[int] = opt([0, 1, 2], "seeds to run (each a whole run: teacher, students, evaluation)", nargs="+")
+    eps_sweep: int = opt(0, "points of each run's robust-accuracy-vs-eps plot (0: none)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +233,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
                                 "num_negatives", "teacher_epochs", "student_epochs")},
     **{n: (0, False) for n in ("attack_steps", "pgd_steps", "cw_steps", "probe_epochs", "eps", "alpha", "probe_eps",
                                 "weight_decay", "momentum", "eps_sweep", "gacd_weight", "ce_weight", "trades_beta",
-                                "ard_alpha", "nce_momentum", "seed")},
+                                "ard_alpha", "nce_momentum", "seed", "feature_probe_eps", "autoattack")},
     **{n: (0, True) for n in ("lr", "nce_temperature", "ard_temperature")},
 }
 
@@ -254,8 +284,9 @@ def validate(cfg: Any) -> Any:
             lo, strict = _RANGES[f.name]
             if value < lo or (strict and value == lo):
                 raise ConfigError(f"option {f.name!r} must be {'>' if strict else '>='} {lo}, got {value!r}")
-    if getattr(cfg, "methods", None) == []:
-        raise ConfigError("option 'methods' needs at least one student method")
+    for name in ("methods", "banks", "seeds"):
+        if getattr(cfg, name, None) == []:
+            raise ConfigError(f"option {name!r} needs at least one value")
     return cfg
 
 
@@ -319,7 +350,8 @@ def resolve(cfg: T) -> T:
     names = {f.name for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
     fills: dict[str, Any] = {}
     for name in ("eps", "alpha", "attack_steps", "batch_size", "epochs", "lr", "momentum", "weight_decay",
-                 "num_negatives", "transfer", "ard_kl_reduction", "probe_eps"):
+                 "num_negatives", "transfer", "ard_kl_reduction", "probe_eps", "feature_probe_eps",
+                 "teacher_epochs", "student_epochs"):
         if name in names and getattr(cfg, name) is None and name in d:
             fills[name] = d[name]
     if "alpha" in names and getattr(cfg, "alpha") is None:

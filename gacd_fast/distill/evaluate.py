@@ -1,4 +1,6 @@
-"""Evaluation: clean / FGSM / PGD-20 / CW-inf accuracy, CKA to the teacher, transfer probe."""
+"""Evaluation: clean / FGSM / PGD-20 / CW-inf (and optionally AutoAttack) accuracy, CKA to the
+teacher, a linear probe on the frozen features (same task: the feature-only transfer), and a
+transfer probe (a second task)."""
 from __future__ import annotations
 
 import time
@@ -115,9 +117,10 @@ class Probed(nn.Module):
 
 def linear_probe(backbone: nn.Module, train: ImageDataset, test: ImageDataset, *, epochs: int = 60, eps: float,
                  alpha: float, pgd_steps: int = 20, batch_size: int = 256, device: torch.device | str = "cpu",
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, prefix: str = "transfer") -> dict[str, float]:
     """Train a linear classifier on the frozen backbone's (standardised) features of ``train``;
-    report its clean and PGD accuracy on ``test`` (the attack goes through backbone and probe)."""
+    report its clean and PGD accuracy on ``test`` (the attack goes through backbone and probe) as
+    ``{prefix}_clean`` and ``{prefix}_pgd{pgd_steps}``."""
     ftr, ytr = features_of(backbone, train, batch_size=batch_size, device=device)
     mean, std = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
     ftr = (ftr - mean) / std
@@ -138,7 +141,38 @@ def linear_probe(backbone: nn.Module, train: ImageDataset, test: ImageDataset, *
         p.requires_grad_(False)
     accs = robust_accuracy(model, test, eps=eps, alpha=alpha, pgd_steps=pgd_steps, cw_steps=0,
                            batch_size=batch_size, device=device, seed=seed)
-    return {"transfer_clean": accs["clean"], f"transfer_pgd{pgd_steps}": accs[f"pgd{pgd_steps}"]}
+    return {f"{prefix}_clean": accs["clean"], f"{prefix}_pgd{pgd_steps}": accs[f"pgd{pgd_steps}"]}
+
+
+class _Logits(nn.Module):
+    """A (features, logits) model seen as a logits-only one (what torchattacks expects)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
+def autoattack_accuracy(model: nn.Module, data: ImageDataset, *, eps: float, n: int, batch_size: int = 256,
+                        device: torch.device | str = "cpu", seed: int = 0) -> tuple[float, int]:
+    """(accuracy under AutoAttack, standard version, L-inf ``eps``; images used): torchattacks'
+    AutoAttack (APGD-CE, APGD-T, FAB-T, Square) on the first ``n`` images of a seeded permutation
+    of ``data``."""
+    try:
+        import torchattacks
+    except ImportError as e:
+        raise ImportError("AutoAttack needs torchattacks: pip install --no-deps torchattacks==3.5.1 (`make` installs it)") from e
+    subset = data.subset(n, seed)
+    wrapped = _Logits(model).to(device).eval()
+    atk = torchattacks.AutoAttack(wrapped, norm="Linf", eps=eps, version="standard", n_classes=data.num_classes, seed=seed)
+    correct = 0
+    for x, y, _ in iterate(subset, batch_size, device=device):
+        x_adv = atk(x, y)
+        with torch.no_grad():
+            correct += int((wrapped(x_adv).argmax(1) == y).sum())
+    return correct / max(1, len(subset)), len(subset)
 
 
 def evaluate_models(
@@ -153,14 +187,19 @@ def evaluate_models(
     transfer: tuple[ImageDataset, ImageDataset] | None = None,
     probe_epochs: int = 60,
     probe_eps: float | None = None,
+    probe_train: ImageDataset | None = None,
+    feature_probe_eps: float | None = None,
+    autoattack: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
     log: Callable[[str], None] = print,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """One result row per model: accuracies (clean, fgsm, pgd, cw), CKA to the teacher's test
-    features (None without a teacher), and the transfer probe's clean/PGD accuracy."""
+    """One result row per model: accuracies (clean, fgsm, pgd, cw; "autoattack" on ``autoattack``
+    test images when > 0), CKA to the teacher's test features (None without a teacher), the
+    same-task linear probe's clean/PGD accuracy on the frozen features ("probe_*", when
+    ``probe_train`` is given; PGD at ``feature_probe_eps``) and the transfer probe's ("transfer_*")."""
     pe = eps if probe_eps is None else probe_eps
     t_feats = features_of(teacher, test, batch_size=batch_size, device=device)[0] if teacher is not None else None
     rows = []
@@ -171,9 +210,16 @@ def evaluate_models(
         row: dict[str, Any] = {"model": name}
         row.update(robust_accuracy(model, test, eps=eps, alpha=alpha, pgd_steps=pgd_steps, cw_steps=cw_steps,
                                    batch_size=batch_size, device=device, seed=seed, progress=progress, desc=name))
+        if autoattack > 0:
+            row["autoattack"], row["autoattack_n"] = autoattack_accuracy(
+                model, test, eps=eps, n=autoattack, batch_size=batch_size, device=device, seed=seed)
         row["cka"] = None
         if t_feats is not None:
             row["cka"] = linear_cka(features_of(model, test, batch_size=batch_size, device=device)[0], t_feats)
+        if probe_train is not None:
+            fe = pe if feature_probe_eps is None else feature_probe_eps
+            row.update(linear_probe(model, probe_train, test, epochs=probe_epochs, eps=fe, alpha=fe / 4,
+                                    pgd_steps=pgd_steps, batch_size=batch_size, device=device, seed=seed, prefix="probe"))
         if transfer is not None:
             row.update(linear_probe(model, transfer[0], transfer[1], epochs=probe_epochs, eps=pe, alpha=pe / 4,
                                     pgd_steps=pgd_steps, batch_size=batch_size, device=device, seed=seed))

@@ -2,7 +2,8 @@
 
 Teachers: PGD adversarial training (Madry et al. 2018) and TRADES (Zhang et al. 2019).
 Students: natural, AT (PGD adversarial training), ARD (Goldblum et al. 2020) and GACD (teacher-anchored contrastive
-distillation with sample reweighting; ``weighting="none"``, method "gacd_noweight", is the no-reweighting ablation).
+distillation with sample reweighting; ``weighting="none"``, method "gacd_noweight", is the no-reweighting ablation;
+"gacd_feature" is the feature-only transfer: the GACD loss alone, no labels, the guided attack).
 The teacher of a distillation method is frozen and kept in eval mode.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 from .. import PGD, GACDLoss
 from ..attacks import logits_of
 
-STUDENT_METHODS = ("natural", "at", "ard", "gacd", "gacd_noweight")
+STUDENT_METHODS = ("natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
+ATTACK_OBJECTIVES = ("ce", "guided")
 TEACHER_METHODS = ("at", "trades")
 
 
@@ -39,6 +41,9 @@ class Method(nn.Module):
     """A training objective. Its own parameters (e.g. GACD's embedding heads) are trained too."""
 
     needs_teacher = False
+
+    def prepare(self, train: Any, device: torch.device | str) -> None:
+        """Called once before the first epoch of a fresh (not resumed) run; no-op by default."""
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
@@ -147,9 +152,13 @@ class ARD(Distill):
 class GACD(Distill):
     """GACD: ce_weight * CE(S(x_adv or x), y) + gacd_weight * GACDLoss(S_feat(x_adv), T_feat(x)).
 
-    attack_objective "ce": x_adv maximises the student's CE (ARD style); "guided": x_adv maximises
-    the GACD contrastive loss of the student against the teacher's clean anchors (the memory is
-    not updated while attacking). Negatives are drawn once per batch and shared by attack and loss.
+    attack_objective "guided" (GACD's own attack): x_adv maximises the GACD contrastive loss of the
+    student against the teacher's clean anchors (no labels; the bank is not updated while
+    attacking); "ce": x_adv maximises the student's CE (ARD style). Negatives are drawn once per
+    batch and shared by attack and loss. ``ce_weight=0`` with the guided attack and
+    ``weighting="none"`` is the feature-only transfer (method "gacd_feature"): no label is used.
+    ``prefill``: write the teacher's embeddings of the whole training set into the bank before
+    the first step (exact rows from the start; see GACDLoss.prefill).
     """
 
     def __init__(
@@ -161,37 +170,49 @@ class GACD(Distill):
         ce_weight: float = 1.0,
         gacd_weight: float = 1.0,
         ce_input: str = "adv",
-        attack_objective: str = "ce",
+        attack_objective: str = "guided",
+        prefill: bool = True,
     ) -> None:
         super().__init__(teacher)
         if ce_input not in ("adv", "clean"):
             raise ValueError(f"ce_input must be 'adv' or 'clean', got {ce_input!r}")
-        if attack_objective not in ("ce", "guided"):
-            raise ValueError(f"attack_objective must be 'ce' or 'guided', got {attack_objective!r}")
+        if attack_objective not in ATTACK_OBJECTIVES:
+            raise ValueError(f"attack_objective must be one of {ATTACK_OBJECTIVES}, got {attack_objective!r}")
         self.criterion = criterion
         self.attack = attack
         self.ce_weight, self.gacd_weight = ce_weight, gacd_weight
         self.ce_input, self.attack_objective = ce_input, attack_objective
+        self.prefill = prefill
+
+    def prepare(self, train: Any, device: torch.device | str) -> None:
+        if not self.prefill:
+            return
+        from .data import iterate  # the data layer imports nothing from here; keep it that way
+
+        for x, _, index in iterate(train, 512, device=device):
+            self.criterion.prefill(self.teacher_out(x)[0], index)
 
     def step(self, model, x, y, index):
         f_t, logit_t = self.teacher_out(x)
-        contrast = None
-        if self.criterion.bank_kind == "memory":
-            negs = self.criterion.memory_t.sample_negatives(index, self.criterion.num_negatives)
-            contrast = torch.cat([index[:, None], negs], 1)
+        contrast = self.criterion.sample_contrast_index(index)
+        weigh = {} if self.criterion.weighting == "none" else {"teacher_logits": logit_t, "targets": y}
         if self.attack_objective == "guided":
-            def objective(out: Any, targets: torch.Tensor) -> torch.Tensor:
-                return self.criterion(out[0], f_t, index, contrast, teacher_logits=logit_t, targets=targets, update_bank=False)
+            def objective(out: Any, _targets: torch.Tensor) -> torch.Tensor:
+                return self.criterion(out[0], f_t, index, contrast, update_bank=False, **weigh)
             loss_fn: Any = objective
         else:
             loss_fn = "ce"
         x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps, loss=loss_fn)(x, y)
         f_s, logits_adv = model(x_adv)
-        contrastive = self.criterion(f_s, f_t, index, contrast, teacher_logits=logit_t, targets=y, update_bank=True)
-        logits_ce = logits_adv if self.ce_input == "adv" else logits_of(model(x))
-        ce = F.cross_entropy(logits_ce, y)
-        loss = self.ce_weight * ce + self.gacd_weight * contrastive
-        return StepOutput(loss, logits_adv, {"ce": float(ce.detach()), "gacd": float(contrastive.detach())})
+        contrastive = self.criterion(f_s, f_t, index, contrast, update_bank=True, **weigh)
+        parts = {"gacd": float(contrastive.detach())}
+        loss = self.gacd_weight * contrastive
+        if self.ce_weight:
+            logits_ce = logits_adv if self.ce_input == "adv" else logits_of(model(x))
+            ce = F.cross_entropy(logits_ce, y)
+            loss = loss + self.ce_weight * ce
+            parts["ce"] = float(ce.detach())
+        return StepOutput(loss, logits_adv, parts)
 
 
 def build_teacher_method(method: str, attack: AttackSpec, trades_beta: float = 6.0) -> Method:
@@ -221,8 +242,12 @@ def build_student_method(
     gacd_weight: float = 1.0,
     ce_input: str = "adv",
     attack_objective: str = "ce",
+    bank: str = "memory",
+    teacher_head: str = "frozen",
+    prefill_bank: bool = True,
 ) -> Method:
-    """The student objective ``method`` (one of STUDENT_METHODS)."""
+    """The student objective ``method`` (one of STUDENT_METHODS). "gacd_feature" ignores
+    ``weighting``, ``ce_weight`` and ``attack_objective``: no labels, GACD loss alone, guided attack."""
     if method not in STUDENT_METHODS:
         raise ValueError(f"student method must be one of {STUDENT_METHODS}, got {method!r}")
     if method == "natural":
@@ -235,10 +260,12 @@ def build_student_method(
         return ARD(teacher, attack, ard_temperature, ard_alpha, ard_kl_reduction)
     if student_dim is None or num_data is None:
         raise ValueError("GACD needs student_dim and num_data")
+    feature_only = method == "gacd_feature"
     criterion = GACDLoss(
         student_dim, teacher.feature_dim, num_data, embed_dim=embed_dim, num_negatives=num_negatives,
-        temperature=nce_temperature, momentum=nce_momentum,
-        weighting="none" if method == "gacd_noweight" else weighting,
+        temperature=nce_temperature, momentum=nce_momentum, bank=bank, teacher_head=teacher_head,
+        weighting="none" if method in ("gacd_noweight", "gacd_feature") else weighting,
     )
-    return GACD(teacher, criterion, attack, ce_weight=ce_weight, gacd_weight=gacd_weight,
-                ce_input=ce_input, attack_objective=attack_objective)
+    return GACD(teacher, criterion, attack, ce_weight=0.0 if feature_only else ce_weight, gacd_weight=gacd_weight,
+                ce_input=ce_input, attack_objective="guided" if feature_only else attack_objective,
+                prefill=prefill_bank)

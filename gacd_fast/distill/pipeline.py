@@ -13,6 +13,7 @@ process group is closed (the other ranks return at once: they have nothing to wa
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from .config import (
     DemoConfig,
+    StudyConfig,
     DistillConfig,
     EvaluateConfig,
     TeacherConfig,
@@ -35,6 +37,7 @@ from .methods import AttackSpec, build_student_method, build_teacher_method
 from . import parallel
 from .models import build_model
 from .report import format_table, write_results
+from .study import format_summary, noise_report, summarize, write_study
 from .train import Logger, check_resumable, fit, load_checkpoint, pick_device, save_checkpoint
 
 
@@ -128,7 +131,8 @@ def distill(cfg: DistillConfig, log: Logger | None = None) -> str:
         embed_dim=cfg.embed_dim,
         num_negatives=cfg.num_negatives, nce_temperature=cfg.nce_temperature, nce_momentum=cfg.nce_momentum,
         weighting=cfg.weighting, ce_weight=cfg.ce_weight, gacd_weight=cfg.gacd_weight, ce_input=cfg.ce_input,
-        attack_objective=cfg.attack_objective,
+        attack_objective=cfg.attack_objective, bank=cfg.bank, teacher_head=cfg.teacher_head,
+        prefill_bank=cfg.prefill_bank,
     )
     log(f"[{name}] {cfg.student} by {cfg.method} on {cfg.dataset}, eps {cfg.eps:.4g}, PGD-{cfg.attack_steps}, device {device}")
     history = fit(model, method, data.train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -174,6 +178,8 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     batch_size = max(cfg.batch_size, 256)
     rows = evaluate_models(models, data.test, teacher=teacher, eps=cfg.eps, alpha=cfg.alpha, pgd_steps=cfg.pgd_steps,
                            cw_steps=cfg.cw_steps, transfer=transfer, probe_epochs=cfg.probe_epochs, probe_eps=cfg.probe_eps,
+                           probe_train=data.train if cfg.feature_probe else None, feature_probe_eps=cfg.feature_probe_eps,
+                           autoattack=cfg.autoattack,
                            batch_size=batch_size, device=device, seed=cfg.seed, log=log, progress=cfg.progress)
     for row in rows:
         row["seconds"] = metas[row["model"]].get("seconds")
@@ -191,32 +197,82 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     table = format_table(rows, title + f": eps {cfg.eps:.4g}; transfer probe on {cfg.transfer}, PGD-{cfg.pgd_steps} at eps {cfg.probe_eps:.4g}")
     log(table)
     paths = write_results(rows, cfg.out_dir, dataset=cfg.dataset, eps=cfg.eps, device=str(device), config={**run_config, "evaluation": to_dict(cfg)} if run_config else to_dict(cfg),
-                          title=title, sweep=sweep, histories={k: m.get("history", []) for k, m in metas.items()})
+                          title=title, sweep=sweep, histories={k: m.get("history", []) for k, m in metas.items()},
+                          chance={k: c for k, m in metas.items() if (c := gacd_chance(m.get("config") or {})) is not None})
     log(f"[eval] wrote {', '.join(paths.values())}")
     return rows
 
 
-def demo(cfg: DemoConfig) -> list[dict[str, Any]]:
-    """Digits: adversarially train a teacher, then every student, evaluate all, print the table."""
-    t_start = time.time()
-    cfg = validate(dataclasses.replace(cfg, dataset="digits"))
-    device, log = _setup(cfg, "demo_config")
-    common = dict(dataset="digits", data_dir=None, out_dir=cfg.out_dir, seed=cfg.seed, device=cfg.device,
+def gacd_chance(config: dict[str, Any]) -> float | None:
+    """log(K+1) for a GACD student's run config (K negatives per sample; batch bank: batch - 1), else None."""
+    if not str(config.get("method", "")).startswith("gacd"):
+        return None
+    k = config["batch_size"] - 1 if config.get("bank") == "batch" else config.get("num_negatives")
+    return math.log(k + 1) if k else None
+
+
+def student_runs(methods: list[str], banks: list[str]) -> list[tuple[str, str, str]]:
+    """(run name, method, bank) per student: every GACD method once per bank (named
+    ``<method>_<bank>`` when there are several banks), the others once."""
+    runs = []
+    for m in methods:
+        if m.startswith("gacd") and len(banks) > 1:
+            runs += [(f"{m}_{b}", m, b) for b in banks]
+        else:
+            runs.append((m, m, banks[0]))
+    return runs
+
+
+def recipe(cfg: DemoConfig, log: Logger, title: str) -> list[dict[str, Any]]:
+    """Train the teacher and every student of ``cfg`` into ``cfg.out_dir``, evaluate them all;
+    the evaluation's rows (empty on ranks other than 0)."""
+    common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, out_dir=cfg.out_dir, seed=cfg.seed, device=cfg.device,
                   batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
                   eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
     teacher_path = train_teacher(TeacherConfig(**common, method=cfg.teacher_method, epochs=cfg.teacher_epochs), log)
     paths = []
-    for m in cfg.methods:
-        paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=m, epochs=cfg.student_epochs,
-                                           gacd_weight=cfg.gacd_weight, ce_input=cfg.ce_input,
-                                           attack_objective=cfg.attack_objective), log))
+    for name, method, bank in student_runs(cfg.methods, cfg.banks):
+        paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=method, name=name, bank=bank,
+                                           epochs=cfg.student_epochs, gacd_weight=cfg.gacd_weight,
+                                           ce_input=cfg.ce_input, attack_objective=cfg.attack_objective), log))
     ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")},
                           teacher=teacher_path, checkpoints=paths, probe_epochs=cfg.probe_epochs,
-                          eps_sweep=cfg.eps_sweep)
+                          eps_sweep=cfg.eps_sweep, autoattack=cfg.autoattack)
     parallel.shutdown()  # training is over: rank 0 evaluates alone, the other ranks are done
     if not parallel.is_main():
         return []
-    rows = evaluate(ecfg, log, title="GACD demo on digits", run_config=to_dict(cfg))
-    log(f"[demo] total wall time {time.time() - t_start:.1f}s; results in {cfg.out_dir}")
+    return evaluate(ecfg, log, title=title, run_config=to_dict(cfg))
+
+
+def demo(cfg: DemoConfig) -> list[dict[str, Any]]:
+    """Adversarially train a teacher, then every student, evaluate all, print the table (and
+    which differences are inside the seed noise)."""
+    t_start = time.time()
+    cfg = resolve(cfg)
+    device, log = _setup(cfg, "demo_config")
+    rows = recipe(cfg, log, title=f"GACD demo on {cfg.dataset}")
+    if rows:
+        log(noise_report(rows, cfg.dataset))
+        log(f"[demo] total wall time {time.time() - t_start:.1f}s; results in {cfg.out_dir}")
     return rows
+
+
+def study(cfg: StudyConfig) -> dict[str, Any]:
+    """The demo's recipe once per seed (``<out>/seed<N>/``), then mean +- std over the seeds of
+    every metric: study.json, study.csv, study.png and the printed table (one process only)."""
+    t_start = time.time()
+    cfg = resolve(cfg)
+    if parallel.launched():
+        raise ValueError("gacd-fast study runs in one process (it repeats whole runs per seed); run it without torchrun")
+    _, log = _setup(cfg, "study_config", distributed=False)
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for seed in cfg.seeds:
+        run = dataclasses.replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"))
+        log(f"[study] seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}) -> {run.out_dir}")
+        per_seed[seed] = recipe(run, Logger(run.out_dir), title=f"{cfg.dataset} seed {seed}")
+    summary = summarize(per_seed)
+    paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds")
+    log(format_summary(summary, f"{cfg.dataset}: mean +- std over seeds {cfg.seeds}"))
+    log(f"[study] wrote {', '.join(paths.values())}; total wall time {time.time() - t_start:.1f}s")
+    return summary

@@ -83,10 +83,13 @@ def results_document(rows: list[dict[str, Any]], *, dataset: str, eps: float, de
 
 def write_results(rows: list[dict[str, Any]], out_dir: str, *, dataset: str, eps: float, device: str,
                   config: dict[str, Any], title: str = "", sweep: dict[str, Any] | None = None,
-                  histories: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, str]:
+                  histories: dict[str, list[dict[str, Any]]] | None = None,
+                  chance: dict[str, float] | None = None) -> dict[str, str]:
     """results.json/.csv/.png, curves.json and, when there is data for them, robust_vs_eps.png
     (``sweep``: {"eps": [...], "attack": "pgd20", "accuracy": {name: [...]}}) and
-    training_curves.png (``histories``: name -> per-epoch rows). Returns the paths written."""
+    training_curves.png (``histories``: name -> per-epoch rows; ``chance``: name -> log(K+1), the
+    contrastive loss of a student that cannot tell its positive from K negatives). Returns the
+    paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "csv", "png")}
     doc = results_document(rows, dataset=dataset, eps=eps, device=device, config=config)
@@ -107,7 +110,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: str, *, dataset: str, eps
         plot_eps_sweep(sweep, paths["robust_vs_eps"], title=title)
     if histories and any(histories.values()):
         paths["training_curves"] = os.path.join(out_dir, "training_curves.png")
-        plot_training_curves(histories, paths["training_curves"], title=title)
+        plot_training_curves(histories, paths["training_curves"], title=title, chance=chance)
     return paths
 
 
@@ -171,10 +174,14 @@ def plot_eps_sweep(sweep: dict[str, Any], path: str, title: str = "") -> None:
     _save(fig, path)
 
 
-def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: str, title: str = "") -> None:
-    """Training loss and training accuracy per epoch, one line per model."""
+def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: str, title: str = "",
+                         chance: dict[str, float] | None = None) -> None:
+    """Training loss and training accuracy per epoch, one line per model; when a model logged a
+    GACD term ("gacd_loss"), a third panel with that term and its chance level log(K+1) (dashed)."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    gacd = {n: h for n, h in histories.items() if h and "gacd_loss" in h[0]}
+    fig, axes = plt.subplots(1, 3 if gacd else 2, figsize=(16 if gacd else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
     for name, hist in histories.items():
         if not hist:
             continue
@@ -188,7 +195,17 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: str, 
     ax2.set_ylabel("training accuracy (%) (on the inputs trained on)")
     ax2.set_ylim(0, 100)
     ax2.set_title("train accuracy")
-    for ax in (ax1, ax2):
+    if gacd:
+        ax3 = axes[2]
+        for name, hist in gacd.items():
+            line, = ax3.plot([r["epoch"] for r in hist], [r["gacd_loss"] for r in hist], marker=".", label=name)
+            if chance and name in chance:
+                ax3.axhline(chance[name], color=line.get_color(), ls="--", lw=1)
+        ax3.set_xlabel("epoch")
+        ax3.set_ylabel("GACD contrastive term (dashed: log(K+1), chance)")
+        ax3.set_ylim(bottom=0)
+        ax3.set_title("GACD term")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

@@ -214,6 +214,8 @@ def fit(
                 "the run continues, but not exactly as an uninterrupted one")
     elif ctx.rank > 0:
         torch.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
+    if start == 1:
+        method.prepare(train, device)  # e.g. GACD's bank prefill (every rank the same rows); a resumed run has its state
     n_batches = (len(train) + batch_size - 1) // batch_size
     if ctx.enabled:
         log(f"[{tag}] torch.distributed: {ctx.world_size} processes ({torch.distributed.get_backend()}), global batch "

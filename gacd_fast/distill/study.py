@@ -1,0 +1,153 @@
+"""Seeds and spread: the mean and standard deviation of every metric over repeated runs
+(``gacd-fast study``), and the demo's statement of which differences are inside the seed noise.
+
+study.json::
+
+    {"config": {...}, "versions": {...},
+     "summary": {model: {metric: {"mean", "std", "n", "values"}}},
+     "runs": {seed: [result rows as in results.json]}}
+
+study.csv is the long form of "summary" (model, metric, mean, std, n, values). std is the sample
+standard deviation (ddof 1; 0 for a single seed).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+from .atomic import atomic_write_text
+from .report import _pyplot, _save, versions
+
+# Accuracy columns of a result row (fractions), in display order; probe_* and transfer_* follow.
+ACC_METRICS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+
+# Seed-to-seed standard deviation (accuracy points) of single runs, measured with `gacd-fast study`
+# over 3 seeds (docs/results/, docs/bank_study.md); the demo uses it to say whether a difference of two
+# single-seed results is inside the noise. Keys: dataset -> metric; "*" is any other metric.
+SEED_STD_POINTS: dict[str, dict[str, float]] = {
+    "digits": {"pgd20": 4.0, "*": 3.0},
+}
+
+
+def summarize(per_seed: dict[int, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """model -> metric -> {mean, std, n, values} over the seeds (numeric columns only)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for rows in per_seed.values():
+        for row in rows:
+            for k, v in row.items():
+                if k in ("model", "eval_s", "autoattack_n") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                    continue
+                values.setdefault(row["model"], {}).setdefault(k, []).append(float(v))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, metrics in values.items():
+        out[model] = {}
+        for k, vs in metrics.items():
+            mean = sum(vs) / len(vs)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vs) / (len(vs) - 1)) if len(vs) > 1 else 0.0
+            out[model][k] = {"mean": mean, "std": std, "n": len(vs), "values": vs}
+    return out
+
+
+def _metric_columns(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    present = {k for m in summary.values() for k in m}
+    cols = [c for c in ACC_METRICS if c in present]
+    cols += sorted(c for c in present if c.startswith("probe_"))
+    cols += sorted(c for c in present if c.startswith("transfer_"))
+    return cols + [c for c in ("cka",) if c in present]
+
+
+def format_summary(summary: dict[str, dict[str, dict[str, Any]]], title: str = "") -> str:
+    """Fixed-width table of mean +- std: accuracies in points, CKA as a ratio."""
+    cols = _metric_columns(summary)
+    width = max([len(m) for m in summary] + [5])
+    lines = [title] if title else []
+    lines.append(f"{'model':<{width}}  " + "  ".join(f"{c:>14}" for c in cols))
+    for model, metrics in summary.items():
+        cells = []
+        for c in cols:
+            s = metrics.get(c)
+            if s is None:
+                cells.append(f"{'-':>14}")
+            elif c == "cka":
+                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}".rjust(14))
+            else:
+                cells.append(f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}".rjust(14))
+        lines.append(f"{model:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def write_study(summary: dict[str, Any], per_seed: dict[int, list[dict[str, Any]]], out_dir: str, *,
+                config: dict[str, Any], title: str = "") -> dict[str, str]:
+    """study.json, study.csv and study.png in ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"study.{k}") for k in ("json", "csv", "png")}
+    doc = {"config": config, "versions": versions(), "summary": summary, "runs": {str(k): v for k, v in per_seed.items()}}
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "metric", "mean", "std", "n", "values"])
+    for model, metrics in summary.items():
+        for k, s in metrics.items():
+            w.writerow([model, k, f"{s['mean']:.6g}", f"{s['std']:.6g}", s["n"], " ".join(f"{v:.6g}" for v in s["values"])])
+    atomic_write_text(paths["csv"], buf.getvalue())
+    plot_study(summary, paths["png"], title)
+    return paths
+
+
+def plot_study(summary: dict[str, dict[str, dict[str, Any]]], path: str, title: str = "") -> None:
+    """Grouped bars of the accuracy metrics per model, mean with +- std error bars."""
+    plt = _pyplot()
+    cols = [c for c in _metric_columns(summary) if c != "cka"]
+    models = list(summary)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(models) + 2), 4.5))
+    width = 0.8 / max(1, len(cols))
+    for j, c in enumerate(cols):
+        means = [100 * summary[m][c]["mean"] if c in summary[m] else 0.0 for m in models]
+        stds = [100 * summary[m][c]["std"] if c in summary[m] else 0.0 for m in models]
+        ax.bar([i + j * width for i in range(len(models))], means, width, yerr=stds, capsize=2, label=c)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
+    ax.set_xticklabels(models, rotation=20)
+    ax.set_ylabel("accuracy (%), mean ± std over seeds")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(len(cols), 5), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    ax.set_title(title or "mean ± std over seeds")
+    _save(fig, path)
+
+
+def noise_std(dataset: str, metric: str) -> float | None:
+    """The measured seed std (points) of ``metric`` on ``dataset``; None when not measured."""
+    table = SEED_STD_POINTS.get(dataset)
+    if table is None:
+        return None
+    return table.get(metric, table.get("*"))
+
+
+def noise_report(rows: list[dict[str, Any]], dataset: str, reference: str = "gacd") -> str:
+    """For a single-seed table: each model's difference to ``reference`` per accuracy metric, and
+    whether it is inside the seed noise: |d| < 2 * sqrt(2) * std, the std of a single run measured
+    by `gacd-fast study` (two independent runs differ by sqrt(2) std on average; 2 of those is ~95%)."""
+    by_name = {r["model"]: r for r in rows}
+    ref = by_name.get(reference)
+    metrics = [c for c in ("clean", "pgd20", "cw", "probe_pgd20") if ref is not None and isinstance(ref.get(c), float)]
+    if ref is None or not metrics:
+        return f"[demo] no {reference!r} row: no noise statement"
+    lines = [f"[demo] single seed; differences to {reference} in accuracy points; 'noise' = inside 2*sqrt(2)*std "
+             "of one run (std measured over 3 seeds by gacd-fast study):"]
+    for name, row in by_name.items():
+        if name == reference:
+            continue
+        parts = []
+        for c in metrics:
+            if not isinstance(row.get(c), float):
+                continue
+            d = 100 * (row[c] - ref[c])
+            std = noise_std(dataset, c)
+            verdict = "seed std not measured" if std is None else ("noise" if abs(d) < 2 * math.sqrt(2) * std else "beyond noise")
+            parts.append(f"{c} {d:+.1f} ({verdict})")
+        lines.append(f"[demo]   {name}: " + ", ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""The negative-bank interface (gacd_fast.memory) and how GACDLoss uses it: each kind learns on a
+tiny problem, prefill is exact, stored rows are validated (nothing written on a bad call)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gacd_fast import GACDLoss
+from gacd_fast.memory import BatchNegatives, FeatureQueue, MemoryBank, NegativeBank
+
+BANK_KINDS = ("memory", "queue", "batch")
+
+
+@pytest.mark.parametrize("bank", BANK_KINDS)
+def test_every_kind_implements_the_interface(bank):
+    crit = GACDLoss(6, 5, num_data=20, embed_dim=4, num_negatives=7, bank=bank, weighting="none")
+    assert isinstance(crit.bank_t, NegativeBank)
+    keys = F.normalize(torch.randn(3, 4), dim=1)
+    rows, neg_index = crit.bank_t.negatives(keys, torch.tensor([0, 5, 9]))
+    assert rows.shape[1] == 4
+    if neg_index is not None:
+        assert neg_index.shape[0] == 3 and int(neg_index.max()) < rows.shape[0]
+
+
+@pytest.mark.parametrize("bank", BANK_KINDS)
+def test_each_kind_learns_on_a_tiny_problem(bank):
+    """GACD loss alone: a student learns a fixed teacher's features; the loss falls over a few steps
+    for every bank kind with the default frozen teacher head (the trained head degenerated)."""
+    torch.manual_seed(0)
+    n, dim = 96, 16
+    x = torch.randn(n, dim)
+    teacher = torch.nn.Linear(dim, 12)
+    student = torch.nn.Linear(dim, 10)
+    crit = GACDLoss(10, 12, num_data=n, embed_dim=8, num_negatives=32, bank=bank, weighting="none", temperature=0.2)
+    with torch.no_grad():
+        crit.prefill(teacher(x), torch.arange(n))
+    opt = torch.optim.Adam(list(student.parameters()) + list(crit.parameters()), lr=1e-2)
+    losses = []
+    for step in range(40):
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(step))[:32]
+        with torch.no_grad():
+            f_t = teacher(x[idx])
+        loss = crit(student(x[idx]), f_t, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (bank, first, last)
+
+
+def test_frozen_teacher_head_keeps_memory_exact():
+    """With the frozen head, a prefilled memory row equals the teacher embedding the loss uses."""
+    crit = GACDLoss(6, 5, num_data=10, embed_dim=4, num_negatives=3, weighting="none")
+    f_t = torch.randn(10, 5)
+    crit.prefill(f_t, torch.arange(10))
+    torch.testing.assert_close(crit.bank_t.rows, crit.embed_t(f_t))
+    before = crit.embed_t.linear.weight.clone()
+    crit(torch.randn(4, 6, requires_grad=True), f_t[:4], torch.arange(4)).backward()
+    assert crit.embed_t.linear.weight.grad is None and torch.equal(crit.embed_t.linear.weight, before)
+    crit.bank_t.update(crit.embed_t(f_t[:4]), torch.arange(4))  # momentum of an exact row with itself
+    torch.testing.assert_close(crit.bank_t.rows, crit.embed_t(f_t))
+
+
+def test_queue_prefill_keeps_the_last_rows():
+    q = FeatureQueue(4, 3)
+    v = F.normalize(torch.randn(6, 3), dim=1)
+    q.prefill(v)
+    assert torch.equal(q.rows, v[2:]) and int(q.ptr) == 0  # the last 4 rows, written from slot 0
+
+
+def test_sample_contrast_index_is_crd_format():
+    crit = GACDLoss(6, 5, num_data=30, embed_dim=4, num_negatives=9, weighting="none")
+    idx = torch.tensor([3, 0, 29])
+    ci = crit.sample_contrast_index(idx)
+    assert ci.shape == (3, 10) and torch.equal(ci[:, 0], idx)
+    assert not (ci[:, 1:] == idx[:, None]).any(), "a sample's own row is never its negative"
+    assert GACDLoss(6, 5, embed_dim=4, num_negatives=9, bank="queue", weighting="none").sample_contrast_index(idx) is None
+
+
+@pytest.mark.parametrize("bank", ("memory", "queue"))
+def test_non_finite_rows_are_refused_and_nothing_is_written(bank):
+    """issue 11 row 5: one NaN batch must not poison the bank forever."""
+    crit = GACDLoss(6, 5, num_data=20, embed_dim=8, num_negatives=7, bank=bank, weighting="none")
+    before = {k: v.clone() for k, v in crit.bank_t.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        crit(torch.randn(4, 6), torch.full((4, 5), float("nan")), torch.arange(4))
+    for k, v in crit.bank_t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    loss = crit(torch.randn(4, 6), torch.randn(4, 5), torch.arange(4))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda b: b.update(torch.randn(4), torch.arange(1)), ValueError, "keys"),  # [D] would broadcast over rows
+    (lambda b: b.update(torch.ones(2, 4, dtype=torch.int64), torch.arange(2)), TypeError, "keys"),
+    (lambda b: b.update(torch.ones(2, 4, dtype=torch.complex64), torch.arange(2)), TypeError, "keys"),
+    (lambda b: b.update(torch.randn(2, 3), torch.arange(2)), ValueError, "keys"),
+    (lambda b: b.update(torch.randn(2, 4), torch.tensor([0, 10])), IndexError, "index"),
+    (lambda b: b.update(torch.randn(2, 4), torch.tensor([0.0, 1.0])), TypeError, "index"),
+    (lambda b: b.update(torch.randn(2, 4), [0, 1]), TypeError, "index"),
+    (lambda b: b.update(torch.randn(2, 4), torch.arange(3)), ValueError, "index"),
+    (lambda b: b.sample_negatives(torch.tensor([10]), 3), IndexError, "index"),
+    (lambda b: b.sample_negatives(torch.tensor([1]), 0), ValueError, "k"),
+])
+def test_memory_bank_direct_calls_are_checked(call, exc, match):
+    """issue 11 row 11: MemoryBank's own methods validate like the functional API."""
+    bank = MemoryBank(10, 4)
+    before = bank.rows.clone()
+    with pytest.raises(exc, match=match):
+        call(bank)
+    assert torch.equal(bank.rows, before)
+
+
+def test_memory_bank_accepts_int32_index():
+    bank = MemoryBank(10, 4, momentum=0.0)
+    v = F.normalize(torch.randn(2, 4), dim=1)
+    bank.update(v, torch.tensor([3, 7], dtype=torch.int32))
+    torch.testing.assert_close(bank.rows[[3, 7]], v)
+    assert bank.sample_negatives(torch.tensor([1], dtype=torch.int32), 5).dtype == torch.int64
+
+
+@pytest.mark.parametrize("values,exc", [
+    (torch.randn(4), ValueError), (torch.ones(2, 4, dtype=torch.int64), TypeError), (torch.randn(2, 5), ValueError),
+    (torch.tensor([[float("inf")] * 4]), ValueError),
+])
+def test_feature_queue_enqueue_is_checked(values, exc):
+    q = FeatureQueue(6, 4)
+    before = q.rows.clone()
+    with pytest.raises(exc, match="values"):
+        q.enqueue(values)
+    assert torch.equal(q.rows, before) and int(q.ptr) == 0
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(symmetric="no"), TypeError, "symmetric"),
+    (dict(backend="bogus"), ValueError, "bogus"),
+    (dict(backend=3), TypeError, "backend"),
+    (dict(teacher_head="ema"), ValueError, "teacher_head"),
+])
+def test_constructor_rejects_bad_options(kwargs, exc, match):
+    """issue 11 row 14: bad options fail in the constructor, not at the first forward."""
+    with pytest.raises(exc, match=match):
+        GACDLoss(6, 5, num_data=20, **kwargs)
+
+
+def test_update_bank_must_be_a_bool():
+    crit = GACDLoss(6, 5, num_data=20, embed_dim=4, num_negatives=3, weighting="none")
+    before = crit.bank_t.rows.clone()
+    with pytest.raises(TypeError, match="update_bank"):
+        crit(torch.randn(2, 6), torch.randn(2, 5), torch.arange(2), update_bank="no")
+    assert torch.equal(crit.bank_t.rows, before)
+
+
+def test_index_as_list_is_a_type_error():
+    crit = GACDLoss(6, 5, num_data=20, embed_dim=4, num_negatives=3, weighting="none")
+    with pytest.raises(TypeError, match="index"):
+        crit(torch.randn(2, 6), torch.randn(2, 5), [0, 1])
+
+
+def test_batch_negatives_store_nothing():
+    b = BatchNegatives()
+    b.update(torch.randn(3, 4))
+    assert not list(b.buffers())
