@@ -166,7 +166,8 @@ def check_per_sample(
         raise ValueError(f"{name} is on {value.device} but the images are on {device}")
     if reads_values(value):
         if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} must be finite for every sample, got {value.tolist()}")
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{name} must be finite for every sample, got {bad} NaN/inf of {batch}")
         if nonneg and bool((value < 0).any()):
             raise ValueError(f"{name} must be >= 0 for every sample, got min {float(value.min())}")
     return value

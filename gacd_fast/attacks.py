@@ -135,8 +135,8 @@ class PGD:
     def _check_images(self, images: torch.Tensor) -> None:
         check_tensor("images", images, min_ndim=2)
         if self.normalization is not None:
-            channels = self.normalization[0].numel()
-            if images.dim() < 3 or images.shape[1] != channels:
+            channels = self.normalization[0].numel()  # one value applies to every channel
+            if channels != 1 and (images.dim() < 3 or images.shape[1] != channels):
                 raise ValueError(f"normalization has {channels} channels but images [B, C, ...] have shape "
                                  f"{tuple(images.shape)}")
         if reads_values(images):

@@ -120,10 +120,10 @@ def l2_direction(grad: torch.Tensor) -> torch.Tensor:
     sample is scaled by its max |grad| first; with +-inf elements the direction is their limit
     (+-1 on the inf elements, 0 elsewhere, then unit length)."""
     acc = acc_dtype(grad.dtype)
+    zero = torch.zeros((), dtype=acc, device=grad.device)
     g = grad.to(acc)
-    g = torch.where(torch.isnan(g), torch.zeros((), dtype=acc, device=g.device), g)
+    g = torch.where(torch.isnan(g), zero, g)
     m = g.abs().flatten(1).amax(1).view(-1, *([1] * (g.dim() - 1)))
-    zero = torch.zeros((), dtype=acc, device=g.device)
     u = torch.where(torch.isinf(m), torch.where(torch.isinf(g), g.sign(), zero),
                     g / torch.where(m > 0, m, torch.ones_like(m)))
     n = _row_norms(u)
