@@ -23,7 +23,11 @@ bool check_pgd_inputs(const at::Tensor& x_adv, const at::Tensor& grad, const at:
                       const c10::optional<at::Tensor>& alpha_t, const c10::optional<at::Tensor>& eps_t,
                       double eps, double clip_min, double clip_max, const std::string& norm);
 
+void check_float(const char* name, const at::Tensor& t);
+// A float [N, D] tensor with N, D >= 1 (no kernel divides by an empty dim).
 void check_rows(const char* name, const at::Tensor& x);
+// A float gradient of the given shape on x's device.
+void check_grad_like(const char* op, const at::Tensor& grad, at::IntArrayRef shape, const at::Tensor& x);
 void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b);
 
 // Validate info_nce_forward arguments (index range is checked by the CPU kernels, and by a

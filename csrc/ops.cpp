@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -17,10 +18,14 @@ bool is_float(const at::Tensor& t) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
+}  // namespace
+
 void check_float(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), "gacd_fast: ", name, " is undefined");
   TORCH_CHECK(is_float(t), "gacd_fast: ", name, " must be float16/bfloat16/float32/float64, got ", t.scalar_type());
 }
+
+namespace {
 
 void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), "gacd_fast: ", name,
@@ -34,6 +39,15 @@ void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& x
 void check_rows(const char* name, const at::Tensor& x) {
   check_float(name, x);
   TORCH_CHECK(x.dim() == 2, "gacd_fast: ", name, " must be 2-D [N, D], got shape ", x.sizes());
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, "gacd_fast: ", name, " must be non-empty [N, D] (N, D >= 1), got ",
+              x.sizes());
+}
+
+void check_grad_like(const char* op, const at::Tensor& grad, at::IntArrayRef shape, const at::Tensor& x) {
+  check_float("grad", grad);
+  TORCH_CHECK(grad.sizes() == shape, "gacd_fast.", op, ": grad must have shape ", shape, ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == x.device(), "gacd_fast.", op, ": grad is on ", grad.device(), " but the input is on ",
+              x.device());
 }
 
 void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
@@ -53,7 +67,10 @@ bool check_pgd_inputs(const at::Tensor& x_adv, const at::Tensor& grad, const at:
   check_float("x_adv", x_adv);
   check_float("grad", grad);
   check_float("x_nat", x_nat);
-  TORCH_CHECK(x_adv.dim() >= 1 && x_adv.size(0) > 0, "gacd_fast.pgd_step_: x_adv must be [B, ...] with B > 0, got ",
+  TORCH_CHECK(std::isfinite(eps) && std::isfinite(clip_min) && std::isfinite(clip_max),
+              "gacd_fast.pgd_step_: eps, clip_min and clip_max must be finite, got ", eps, ", ", clip_min, ", ",
+              clip_max);
+  TORCH_CHECK(x_adv.dim() >= 1 && x_adv.numel() > 0, "gacd_fast.pgd_step_: x_adv must be a non-empty [B, ...], got ",
               x_adv.sizes());
   TORCH_CHECK(grad.sizes() == x_adv.sizes() && x_nat.sizes() == x_adv.sizes(),
               "gacd_fast.pgd_step_: grad and x_nat must have x_adv's shape ", x_adv.sizes(), ", got ", grad.sizes(),
@@ -91,8 +108,9 @@ void check_info_nce_inputs(const at::Tensor& query, const at::Tensor& positive, 
   TORCH_CHECK(positive.device() == query.device() && negatives.device() == query.device(),
               "gacd_fast.info_nce: query, positive and negatives must be on one device, got ", query.device(), ", ",
               positive.device(), ", ", negatives.device());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "gacd_fast.info_nce: temperature must be > 0, got ",
-              temperature);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0 &&
+                  1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
+              "gacd_fast.info_nce: temperature must be > 0 with a reciprocal finite in float32, got ", temperature);
   if (has(neg_index)) {
     const auto& idx = *neg_index;
     TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
@@ -109,7 +127,14 @@ void check_info_nce_backward(const at::Tensor& grad, const at::Tensor& query, co
                              const c10::optional<at::Tensor>& negatives, const c10::optional<at::Tensor>& neg_index,
                              const at::Tensor& lse, const c10::optional<at::Tensor>& dq_neg, double temperature,
                              bool need_negatives) {
+  check_rows("query", query);
+  check_rows("positive", positive);
+  TORCH_CHECK(positive.sizes() == query.sizes() && positive.scalar_type() == query.scalar_type() &&
+                  positive.device() == query.device(),
+              "gacd_fast.info_nce_backward: positive must match query's shape, dtype and device");
   const int64_t B = query.size(0);
+  check_float("grad", grad);
+  check_float("lse", lse);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "gacd_fast.info_nce_backward: grad must be [B] = [", B,
               "], got ", grad.sizes());
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == B, "gacd_fast.info_nce_backward: lse must be [B], got ", lse.sizes());
@@ -117,9 +142,11 @@ void check_info_nce_backward(const at::Tensor& grad, const at::Tensor& query, co
   TORCH_CHECK(has(negatives) || (have_dq && !need_negatives),
               "gacd_fast.info_nce_backward: negatives are required unless dq_neg is given and no negatives' "
               "gradient is asked for");
-  if (have_dq)
-    TORCH_CHECK(dq_neg->sizes() == query.sizes(), "gacd_fast.info_nce_backward: dq_neg must be [B, D], got ",
-                dq_neg->sizes());
+  if (have_dq) {
+    check_float("dq_neg", *dq_neg);
+    TORCH_CHECK(dq_neg->sizes() == query.sizes() && dq_neg->device() == query.device(),
+                "gacd_fast.info_nce_backward: dq_neg must be [B, D] on query's device, got ", dq_neg->sizes());
+  }
   if (has(negatives)) check_info_nce_inputs(query, positive, *negatives, neg_index, temperature);
   TORCH_CHECK(grad.device() == query.device() && lse.device() == query.device(),
               "gacd_fast.info_nce_backward: grad and lse must be on query's device");

@@ -9,6 +9,7 @@ device, so they are skipped while torch.compile traces a graph, and can be switc
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Iterable, Sequence
 
@@ -22,9 +23,16 @@ _value_checks = os.environ.get("GACD_FAST_VALUE_CHECKS", "1") != "0"
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Turn the checks that read tensor values (index ranges, eps >= 0 on tensors, images in
-    [0, 1]) on or off. Each costs a device synchronisation on a GPU; shape, dtype and device checks
-    always run. Default: on, unless the environment variable GACD_FAST_VALUE_CHECKS=0."""
+    """Turn the checks that read tensor values (index ranges, weights >= 0, finite eps/alpha >= 0
+    on tensors, images in [0, 1]) on or off. Each costs a device synchronisation on a GPU; shape,
+    dtype and device checks always run. Default: on, unless the environment variable
+    GACD_FAST_VALUE_CHECKS=0.
+
+    Switching them off is an opt-out of safety, not only of cost: an out-of-range ``neg_index``
+    then reads out of bounds on the triton backend (garbage values, or a fault) and trips a
+    device-side assertion on CUDA; the torch backend and the C++ CPU kernels still refuse it
+    (IndexError / RuntimeError). Negative weights and NaN/negative per-sample eps are used as given.
+    """
     global _value_checks
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
@@ -34,6 +42,12 @@ def set_value_checks(enabled: bool) -> None:
 def value_checks_enabled() -> bool:
     """Off when switched off, and while torch.compile traces (they would break the graph)."""
     return _value_checks and not torch.compiler.is_compiling()
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether a value-reading check should look at ``t``: value checks are on and ``t`` has
+    data (meta tensors have none; empty tensors hold nothing to check)."""
+    return value_checks_enabled() and t.device.type != "meta" and t.numel() > 0
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -74,6 +88,9 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[int], what: str =
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
+    for name, t in items:  # a list or array here would fail on .device with no name
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
@@ -94,8 +111,9 @@ def check_same_dtype(**tensors: torch.Tensor) -> None:
 
 
 def check_real(name: str, value: object, *, positive: bool = False, nonneg: bool = False) -> float:
-    """A finite Python real number (bools rejected), optionally > 0 or >= 0; returned as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (Python or numpy scalar; bools rejected), optionally > 0 or >= 0;
+    returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's bool is no Real
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
@@ -114,8 +132,10 @@ def check_option(name: str, value: object, options: Sequence[str]) -> str:
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A Python or numpy integer (bools rejected), optionally >= ``minimum``; returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -123,7 +143,7 @@ def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
 
 def check_index_range(name: str, index: torch.Tensor, size: int, what: str) -> None:
     """Every entry of ``index`` must lie in [0, size); reads values, so skipped under compile."""
-    if not value_checks_enabled() or index.numel() == 0:
+    if not reads_values(index):
         return
     lo, hi = int(index.min()), int(index.max())
     if lo < 0 or hi >= size:
@@ -135,15 +155,40 @@ def check_index_range(name: str, index: torch.Tensor, size: int, what: str) -> N
 def check_per_sample(
     name: str, value: object, batch: int, device: torch.device, *, nonneg: bool = False
 ) -> float | torch.Tensor:
-    """A Python real, or a floating tensor of shape [batch] on ``device`` (per-sample value)."""
+    """A real number, or a floating tensor of shape [batch] on ``device`` (per-sample value) that
+    does not require grad; finite (and >= 0 when ``nonneg``) like a scalar would have to be."""
     if not isinstance(value, torch.Tensor):
         return check_real(name, value, nonneg=nonneg)
     check_tensor(name, value, ndim=1)
     check_shape(name, value, (batch,), "one value per sample")
+    check_no_grad(name, value)
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the images are on {device}")
-    if nonneg and value_checks_enabled():
-        bad = value < 0
-        if bool(bad.any()):
+    if reads_values(value):
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{name} must be finite for every sample, got {bad} NaN/inf of {batch}")
+        if nonneg and bool((value < 0).any()):
             raise ValueError(f"{name} must be >= 0 for every sample, got min {float(value.min())}")
     return value
+
+
+def check_no_grad(name: str, t: torch.Tensor) -> None:
+    """In-place, no-grad ops take no tensor that requires grad (autograd could not follow them)."""
+    if t.requires_grad:
+        raise ValueError(f"{name} must not require grad (a constant of a no-grad op); pass {name}.detach()")
+
+
+def check_nonneg_values(name: str, t: torch.Tensor) -> None:
+    """Every entry of ``t`` is >= 0 (NaN passes: it propagates); reads values."""
+    if reads_values(t) and bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got min {float(t.min())}")
+
+
+def check_temperature(value: object) -> float:
+    """tau > 0 whose reciprocal, the logits' scale, is finite in float32."""
+    tau = check_real("temperature", value, positive=True)
+    if 1.0 / tau > torch.finfo(torch.float32).max:
+        raise ValueError(f"temperature must be >= {1.0 / torch.finfo(torch.float32).max:.3g} "
+                         f"(its reciprocal scales the logits in float32), got {value}")
+    return tau

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as gf
-from ._checks import check_int, check_option, check_per_sample, check_real, check_tensor, value_checks_enabled
+from ._checks import check_int, check_option, check_per_sample, check_real, check_tensor, reads_values
 
 LossFn = Callable[[object, torch.Tensor], torch.Tensor]
 MODEL_MODES = ("eval", "train", "keep")
@@ -34,8 +34,20 @@ def logits_of(output: object) -> torch.Tensor:
 
 
 def cross_entropy(output: object, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the model's logits (torchattacks' PGD loss)."""
+    """Mean cross-entropy of the model's logits (torchattacks' PGD loss). targets: [B] class
+    indices of any integer dtype (used as int64), or [B, C] floating class probabilities."""
+    if not targets.is_floating_point():
+        targets = targets.long()
     return F.cross_entropy(logits_of(output), targets)
+
+
+def _check_targets(targets: object, batch: int) -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dim() == 0 or targets.shape[0] != batch:
+        raise ValueError(f"targets must be a tensor with {batch} rows like images, got {tuple(targets.shape)}")
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must hold integer class indices or float probabilities, got {targets.dtype}")
 
 
 @contextmanager
@@ -120,6 +132,36 @@ class PGD:
             raise ValueError(f"normalization std must be > 0, got {std.tolist()}")
         return mean, std
 
+    def _check_images(self, images: torch.Tensor) -> None:
+        check_tensor("images", images, min_ndim=2)
+        if self.normalization is not None:
+            channels = self.normalization[0].numel()  # one value applies to every channel
+            if channels != 1 and (images.dim() < 3 or images.shape[1] != channels):
+                raise ValueError(f"normalization has {channels} channels but images [B, C, ...] have shape "
+                                 f"{tuple(images.shape)}")
+        if reads_values(images):
+            if bool(torch.isnan(images).any()):
+                raise ValueError("images must not contain NaN")
+            lo, hi = float(images.min()), float(images.max())
+            if lo < 0 or hi > 1:
+                raise ValueError(
+                    f"images must lie in [0, 1] (undo normalisation, pass normalization=(mean, std)), "
+                    f"got values in [{lo}, {hi}]"
+                )
+
+    def _gradient(self, x_adv: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """d loss / d x_adv for one step; the loss must be a scalar tensor that depends on x_adv."""
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            cost = self.loss_fn(self._forward(x_adv), targets)
+            if not isinstance(cost, torch.Tensor) or cost.numel() != 1:
+                got = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
+                raise TypeError(f"loss must return a scalar tensor (one element), got {got}")
+            if not cost.requires_grad:
+                raise ValueError("loss must depend on the model's output (its result does not require grad)")
+            (grad,) = torch.autograd.grad(cost.reshape(()), x_adv)
+        return grad
+
     def _forward(self, x: torch.Tensor) -> object:
         if self.normalization is not None:
             mean, std = (v.to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2))) for v in self.normalization)
@@ -131,28 +173,22 @@ class PGD:
         return self.forward(images, targets)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_tensor("images", images, min_ndim=2)
-        if not isinstance(targets, torch.Tensor) or targets.shape[:1] != images.shape[:1]:
-            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ValueError(f"targets must be a tensor with {images.shape[0]} rows like images, got {got}")
-        if value_checks_enabled() and images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError(
-                f"images must lie in [0, 1] (undo normalisation, pass normalization=(mean, std)), "
-                f"got values in [{float(images.min())}, {float(images.max())}]"
-            )
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("PGD needs autograd for the input gradient: call it outside torch.inference_mode() "
+                               "(torch.no_grad() is fine)")
+        self._check_images(images)
+        _check_targets(targets, images.shape[0])
         eps = check_per_sample("eps", self.eps, images.shape[0], images.device, nonneg=True)
         alpha = check_per_sample("alpha", self.alpha, images.shape[0], images.device)
-        x_nat = images.detach()
+        # a clone of an inference tensor (made under inference_mode) is a normal tensor autograd accepts
+        x_nat = images.clone() if images.is_inference() else images.detach()
         with model_mode(self.model, self.model_mode):
             if self.random_start:
                 x_adv = gf.pgd_random_start(x_nat, eps=eps, norm=self.norm, generator=self.generator, backend=self.backend)
             else:
                 x_adv = x_nat.clone()
             for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                with torch.enable_grad():
-                    cost = self.loss_fn(self._forward(x_adv), targets)
-                    (grad,) = torch.autograd.grad(cost, x_adv)
+                grad = self._gradient(x_adv, targets)
                 x_adv = x_adv.detach()
                 gf.pgd_step_(x_adv, grad, x_nat, alpha=alpha, eps=eps, norm=self.norm, backend=self.backend)
         return x_adv

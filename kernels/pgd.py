@@ -5,9 +5,11 @@ torch op, so float32 results are bitwise equal:
     step = round(alpha * sign(grad)); adv = round(x_adv + step); d = round(adv - x_nat)
     delta = clamp(d, -eps, eps); out = clamp(round(x_nat + delta), clip_min, clip_max)
 (alpha*sign is exact in fp32, so an FMA contraction on a GPU cannot change it).
-l2 is two-phase: per-sample partial sums of squares (of grad, then of the stepped perturbation) are
-written per (sample, chunk) and summed in a fixed order by torch, then one elementwise pass applies
-step, projection and clamp. float64 images use the torch reference (Triton math here is fp32).
+l2 is three-phase: per-sample partial reductions (max |grad|, then the sum of squares of the scaled
+grad, then of the stepped perturbation) are written per (sample, chunk) and reduced in a fixed order
+by torch, then one elementwise pass applies step, projection and clamp. The direction is the
+reference's ``l2_direction``: NaN elements count as 0, the max |grad| scaling keeps the norm from
+overflowing, and +-inf elements give the limit direction. float64 images use the torch reference (Triton math here is fp32).
 """
 from __future__ import annotations
 
@@ -31,8 +33,7 @@ def _rnd(v, dt: tl.constexpr):
 
 @triton.jit
 def _sign(g):
-    s = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
-    return tl.where(g != g, g, s)  # sign(nan) = nan, like torch
+    return tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))  # sign(0) = sign(nan) = 0, like torch.sign
 
 
 @triton.jit
@@ -65,16 +66,26 @@ def _pgd_linf_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, alpha_f, eps_f, 
 
 
 @triton.jit
-def _l2_delta(x, g, nat, a, gnorm):
-    # reference: unit = grad / ||grad|| (0 where the norm is 0); adv = x + alpha*unit; delta = adv - nat
-    unit = tl.where(gnorm > 0, g / tl.where(gnorm > 0, gnorm, 1.0), 0.0)  # no 0/0 in dead lanes
+def _l2_scaled(g, gmax):
+    """The reference's u: NaN -> 0; g / max|g|; with an inf max, +-1 on the inf elements, 0 elsewhere."""
+    g = tl.where(g != g, 0.0, g)
+    inf_u = tl.where(g == float("inf"), 1.0, tl.where(g == -float("inf"), -1.0, 0.0))
+    fin_u = g / tl.where(gmax > 0, gmax, 1.0)
+    return tl.where(gmax == float("inf"), inf_u, fin_u)
+
+
+@triton.jit
+def _l2_delta(x, g, nat, a, gmax, unorm):
+    # reference: unit = u / ||u|| (0 where the norm is 0); adv = x + alpha*unit; delta = adv - nat
+    u = _l2_scaled(g, gmax)
+    unit = tl.where(unorm > 0, u / tl.where(unorm > 0, unorm, 1.0), 0.0)  # no 0/0 in dead lanes
     return (x + a * unit) - nat
 
 
 @triton.jit
-def _l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gnorm_ptr, part_ptr, row_len, n_chunks,
+def _l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gmax_ptr, unorm_ptr, part_ptr, row_len, n_chunks,
                        PHASE: tl.constexpr, BLOCK: tl.constexpr):
-    """PHASE 0: partial sum of grad^2 per (sample, chunk); PHASE 1: of the stepped delta^2."""
+    """Per (sample, chunk): PHASE 0 max |grad| (NaN skipped); 1 sum of u^2; 2 sum of delta^2."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     cols = c * BLOCK + tl.arange(0, BLOCK)
@@ -82,18 +93,23 @@ def _l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gnorm_ptr, part_ptr, ro
     offs = b * row_len + cols
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PHASE == 0:
-        v = g
+        r = tl.max(tl.where(g != g, 0.0, tl.abs(g)), axis=0)
     else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(alpha_ptr + b).to(tl.float32)
-        gn = tl.load(gnorm_ptr + b)
-        v = tl.where(mask, _l2_delta(x, g, nat, a, gn), 0.0)
-    tl.store(part_ptr + b * n_chunks + c, tl.sum(v * v, axis=0))
+        gmax = tl.load(gmax_ptr + b)
+        if PHASE == 1:
+            v = _l2_scaled(g, gmax)
+        else:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            nat = tl.load(nat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(alpha_ptr + b).to(tl.float32)
+            un = tl.load(unorm_ptr + b)
+            v = tl.where(mask, _l2_delta(x, g, nat, a, gmax, un), 0.0)
+        r = tl.sum(v * v, axis=0)
+    tl.store(part_ptr + b * n_chunks + c, r)
 
 
 @triton.jit
-def _l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gnorm_ptr, dnorm_ptr, lo, hi, row_len,
+def _l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gmax_ptr, unorm_ptr, dnorm_ptr, lo, hi, row_len,
                      BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
@@ -106,9 +122,10 @@ def _l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gnorm_ptr, dnorm
     nat_r = tl.load(nat_ptr + offs, mask=mask, other=0.0)
     a = tl.load(alpha_ptr + b).to(tl.float32)
     e = tl.load(eps_ptr + b).to(tl.float32)
-    gn = tl.load(gnorm_ptr + b)
+    gmax = tl.load(gmax_ptr + b)
+    un = tl.load(unorm_ptr + b)
     dn = tl.load(dnorm_ptr + b)
-    delta = _l2_delta(xr.to(tl.float32), g, nat_r.to(tl.float32), a, gn)
+    delta = _l2_delta(xr.to(tl.float32), g, nat_r.to(tl.float32), a, gmax, un)
     scale = tl.where(dn > e, e / dn, 1.0)
     delta = _rnd(delta * scale, dt)
     out = _rnd(nat_r.to(tl.float32) + delta, dt)
@@ -179,11 +196,13 @@ def _pgd_launch(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, al
         chunks = cdiv(row_len, block)
         part = torch.empty((batch, chunks), dtype=torch.float32, device=x.device)
         grid = (batch, chunks)
-        _l2_partial_kernel[grid](x, g, nat, a32, a32, part, row_len, chunks, PHASE=0, BLOCK=block)
-        gnorm = part.sum(1).sqrt()  # fixed-order reduction of the partials: deterministic
-        _l2_partial_kernel[grid](x, g, nat, a32, gnorm, part, row_len, chunks, PHASE=1, BLOCK=block)
+        _l2_partial_kernel[grid](x, g, nat, a32, a32, a32, part, row_len, chunks, PHASE=0, BLOCK=block)
+        gmax = part.amax(1)
+        _l2_partial_kernel[grid](x, g, nat, a32, gmax, a32, part, row_len, chunks, PHASE=1, BLOCK=block)
+        unorm = part.sum(1).sqrt()  # fixed-order reduction of the partials: deterministic
+        _l2_partial_kernel[grid](x, g, nat, a32, gmax, unorm, part, row_len, chunks, PHASE=2, BLOCK=block)
         dnorm = part.sum(1).sqrt()
-        _l2_apply_kernel[grid](x, g, nat, a32, e32, gnorm, dnorm, lo, hi, row_len, BLOCK=block)
+        _l2_apply_kernel[grid](x, g, nat, a32, e32, gmax, unorm, dnorm, lo, hi, row_len, BLOCK=block)
     if x is not x_adv:
         x_adv.copy_(x)
 

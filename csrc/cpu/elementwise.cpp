@@ -59,6 +59,30 @@ void pgd_linf(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat
   });
 }
 
+// Per-sample l2 step direction, the reference's l2_direction: NaN elements count as 0; the gradient
+// is scaled by its max |g| before the norm (no overflow); with +-inf elements the direction is their
+// limit (+-1 there, 0 elsewhere). unit(j) = u_j / ||u|| in the accumulation dtype, 0 without a norm.
+template <typename scalar_t, typename acc_t>
+struct L2Direction {
+  const scalar_t* g;
+  double gmax = 0;
+  acc_t un = 0;
+
+  L2Direction(const scalar_t* gb, int64_t N) : g(gb) {
+    for (int64_t j = 0; j < N; ++j) gmax = std::max(gmax, std::abs(double(g[j])));  // NaN never wins
+    double ss = 0;
+    for (int64_t j = 0; j < N; ++j) ss += double(u(j)) * double(u(j));
+    un = static_cast<acc_t>(std::sqrt(ss));
+  }
+  acc_t u(int64_t j) const {
+    const double v = g[j];
+    if (std::isnan(v) || gmax == 0) return acc_t(0);
+    if (std::isinf(gmax)) return std::isinf(v) ? acc_t(v > 0 ? 1 : -1) : acc_t(0);
+    return static_cast<acc_t>(v) / static_cast<acc_t>(gmax);
+  }
+  acc_t unit(int64_t j) const { return un > acc_t(0) ? u(j) / un : acc_t(0); }
+};
+
 template <typename scalar_t>
 void pgd_l2(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, const at::Tensor& alpha_t,
             double alpha, const at::Tensor& eps_t, double eps, double clip_min, double clip_max) {
@@ -73,17 +97,13 @@ void pgd_l2(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, 
   const scalar_t lo = static_cast<scalar_t>(clip_min), hi = static_cast<scalar_t>(clip_max);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* gb = g + b * N;
       const scalar_t* xnb = xn + b * N;
       scalar_t* xb = x + b * N;
-      double ss = 0;
-      for (int64_t j = 0; j < N; ++j) ss += double(gb[j]) * double(gb[j]);
-      const acc_t gn = static_cast<acc_t>(std::sqrt(ss));
+      const L2Direction<scalar_t, acc_t> dir(g + b * N, N);
       const acc_t a = at_ ? at_[b] : static_cast<acc_t>(alpha);
       const acc_t e = et_ ? et_[b] : static_cast<acc_t>(eps);
       auto delta_at = [&](int64_t j) -> acc_t {
-        const acc_t unit = gn > acc_t(0) ? static_cast<acc_t>(gb[j]) / gn : acc_t(0);
-        return (static_cast<acc_t>(xb[j]) + a * unit) - static_cast<acc_t>(xnb[j]);
+        return (static_cast<acc_t>(xb[j]) + a * dir.unit(j)) - static_cast<acc_t>(xnb[j]);
       };
       double dd = 0;
       for (int64_t j = 0; j < N; ++j) {
@@ -151,7 +171,7 @@ at::Tensor normalize_cpu(const at::Tensor& x_in) {
 
 at::Tensor normalize_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in) {
   check_rows("x", x_in);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "gacd_fast.normalize_backward: grad must have x's shape");
+  check_grad_like("normalize_backward", grad_in, x_in.sizes(), x_in);
   const auto x = x_in.contiguous();
   const auto g = grad_in.to(x.scalar_type()).contiguous();
   auto out = at::empty_like(x);
@@ -222,8 +242,7 @@ at::Tensor cosine_similarity_cpu(const at::Tensor& a_in, const at::Tensor& b_in)
 std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(const at::Tensor& grad_in, const at::Tensor& a_in,
                                                                   const at::Tensor& b_in) {
   check_pair("cosine_similarity_backward", a_in, b_in);
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == a_in.size(0),
-              "gacd_fast.cosine_similarity_backward: grad must be [N]");
+  check_grad_like("cosine_similarity_backward", grad_in, {a_in.size(0)}, a_in);
   const auto a = a_in.contiguous(), b = b_in.contiguous();
   const auto g = grad_in.to(at::kDouble).contiguous();
   auto da = at::empty_like(a), db = at::empty_like(b);

@@ -60,11 +60,20 @@ struct Units {
   at::Tensor proj;  // [N] bool, ||x|| >= eps (the Jacobian's projection term applies)
 };
 
+// L2 norms of the rows of xa [N, D] (acc dtype). float32 squares overflow above ~1.8e19: then the
+// norms are redone in double, so a finite float row of any magnitude gets its true norm.
+at::Tensor row_norms(const at::Tensor& xa) {
+  at::Tensor nrm = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, c10::nullopt);
+  if (xa.scalar_type() == at::kFloat && !at::isfinite(nrm).all().item<bool>())
+    nrm = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, at::kDouble).to(at::kFloat);
+  return nrm;
+}
+
 Units unit_rows(const at::Tensor& x, bool normalize) {
   const auto acc = acc_type(x.scalar_type());
   at::Tensor xa = x.to(acc).contiguous();
   if (!normalize) return {xa, at::ones({x.size(0)}, xa.options()), at::Tensor()};
-  at::Tensor nrm = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, c10::nullopt);
+  at::Tensor nrm = row_norms(xa);
   at::Tensor denom = nrm.clamp_min(kNormEps);
   return {(xa / denom.unsqueeze(1)).contiguous(), denom.reciprocal(), nrm >= kNormEps};
 }
@@ -96,7 +105,7 @@ Chunk bank_chunk(const at::Tensor& negatives, int64_t c0, int64_t cn, at::Scalar
   Chunk ch;
   ch.rows = negatives.narrow(0, c0, cn).to(acc).contiguous();
   if (normalize) {
-    at::Tensor nrm = at::linalg_vector_norm(ch.rows, 2, at::IntArrayRef{1}, false, c10::nullopt);
+    at::Tensor nrm = row_norms(ch.rows);
     ch.inv = nrm.clamp_min(kNormEps).reciprocal();
     ch.proj = nrm >= kNormEps;
   } else {
@@ -153,6 +162,21 @@ Groups plan_groups(int64_t B, int64_t K) {
   return gr;
 }
 
+// shift of torch.logsumexp: the running max, or 0 where it is infinite (so exp(x - shift) of an inf
+// score is inf or 0, never the NaN of inf - inf).
+template <typename acc_t>
+inline acc_t lse_shift(acc_t m) { return std::isinf(m) ? acc_t(0) : m; }
+
+// Running sum rescaled to a non-finite new max m_new (+inf: the sum becomes inf or NaN; -inf: every
+// score so far is -inf), with exact exp: the slow path of the online log-sum-exp.
+template <typename acc_t>
+acc_t inf_sum(acc_t l, acc_t m_old, acc_t m_new, const acc_t* s, int64_t n) {
+  const acc_t shift = lse_shift(m_new);
+  acc_t sum = l * std::exp(m_old - shift);
+  for (int64_t k = 0; k < n; ++k) sum += std::exp(s[k] - shift);
+  return sum;
+}
+
 // Shared bank, forward. m/l: running max and sum per row, seeded with the positive logit (m = s_pos,
 // l = 1). dq (when defined): sum_k exp(s_ik - m_i) * scale * inv_k * n_k, divided by l later.
 template <typename acc_t>
@@ -190,6 +214,11 @@ void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize,
             mx = v > mx ? v : mx;
           }
           const acc_t m_new = std::max(mg[i], mx);
+          if (!std::isfinite(m_new)) {  // rare: infinite scores (normalize=False with inf rows)
+            lg[i] = inf_sum(lg[i], mg[i], m_new, row, cn);
+            mg[i] = m_new;
+            continue;  // d q is not defined there: dq keeps its value
+          }
           const acc_t alpha = std::exp(mg[i] - m_new);  // 0 on the group's first chunk (-inf)
           acc_t sum = 0;
           if (dqp) {
@@ -218,9 +247,10 @@ void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize,
   for (int64_t i = 0; i < B; ++i) {
     acc_t mx = m[i];
     for (int64_t g = 0; g < gr.ngroups; ++g) mx = std::max(mx, gmp[g * B + i]);
-    acc_t sum = l[i] * std::exp(m[i] - mx);
+    const acc_t shift = lse_shift(mx);
+    acc_t sum = l[i] * std::exp(m[i] - shift);
     for (int64_t g = 0; g < gr.ngroups; ++g) {
-      w[g] = std::exp(gmp[g * B + i] - mx);
+      w[g] = std::exp(gmp[g * B + i] - shift);
       sum += glp[g * B + i] * w[g];
     }
     m[i] = mx;
@@ -306,6 +336,28 @@ inline acc_t inv_norm(acc_t nn, bool normalize) {
   return normalize ? acc_t(1) / std::max(std::sqrt(nn), static_cast<acc_t>(kNormEps)) : acc_t(1);
 }
 
+// q . n_hat and inv_norm(n) of one bank row (n_hat = n * inv). The fast sums are in acc_t; a row
+// whose squared norm or dot overflows them is redone in double, so a finite row of any magnitude
+// scores as the reference's overflow-safe normalisation does (inv may then be subnormal).
+template <typename scalar_t, typename acc_t>
+inline void score_of(const acc_t* q, const scalar_t* n, int64_t D, bool normalize, acc_t& dot_hat, acc_t& inv) {
+  acc_t dot, nn;
+  dot_and_norm(q, n, D, normalize, dot, nn);
+  if (std::isfinite(nn) && std::isfinite(dot)) {
+    inv = inv_norm(nn, normalize);
+    dot_hat = dot * inv;
+    return;
+  }
+  double dd = 0, ss = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    dd += double(q[d]) * double(n[d]);
+    ss += double(n[d]) * double(n[d]);
+  }
+  const double iv = normalize ? 1.0 / std::max(std::sqrt(ss), kNormEps) : 1.0;
+  dot_hat = static_cast<acc_t>(dd * iv);
+  inv = static_cast<acc_t>(iv);
+}
+
 // neg_index, forward: per row, scores of its M negatives into a row buffer (M values, not M x D).
 template <typename scalar_t, typename acc_t>
 void index_forward(const Units& q, const at::Tensor& negatives, const int64_t* idx, int64_t M, bool normalize,
@@ -321,11 +373,16 @@ void index_forward(const Units& q, const at::Tensor& negatives, const int64_t* i
       const acc_t* qi = qp + i * D;
       acc_t mx = m[i];
       for (int64_t j = 0; j < M; ++j) {
-        acc_t dot, nn;
-        dot_and_norm(qi, np + idx[i * M + j] * D, D, normalize, dot, nn);
-        w[j] = inv_norm(nn, normalize) * static_cast<acc_t>(scale);
-        s[j] = dot * w[j];
+        acc_t dot_hat, inv;
+        score_of(qi, np + idx[i * M + j] * D, D, normalize, dot_hat, inv);
+        w[j] = inv * static_cast<acc_t>(scale);
+        s[j] = dot_hat * static_cast<acc_t>(scale);
         mx = std::max(mx, s[j]);
+      }
+      if (!std::isfinite(mx)) {  // rare: infinite scores, torch.logsumexp's rules
+        l[i] = inf_sum(l[i], m[i], mx, s.data(), M);
+        m[i] = mx;
+        continue;  // d q is not defined there
       }
       acc_t sum = l[i] * std::exp(m[i] - mx);
       for (int64_t j = 0; j < M; ++j) sum += soft_exp(s[j] - mx);
@@ -360,10 +417,9 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
         acc_t* di = dqp + i * D;
         for (int64_t j = 0; j < M; ++j) {
           const scalar_t* nk = np + idx[i * M + j] * D;
-          acc_t dot, nn;
-          dot_and_norm(qi, nk, D, normalize, dot, nn);
-          const acc_t inv = inv_norm(nn, normalize);
-          const acc_t c = g[i] * sc * std::exp(dot * inv * sc - lse[i]) * inv;
+          acc_t dot_hat, inv;
+          score_of(qi, nk, D, normalize, dot_hat, inv);
+          const acc_t c = g[i] * sc * std::exp(dot_hat * sc - lse[i]) * inv;
           for (int64_t d = 0; d < D; ++d) di[d] += c * static_cast<acc_t>(nk[d]);
         }
       }
@@ -391,9 +447,9 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
       }
       const scalar_t* nk = np + k * D;
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t nn = 0;
-      for (int64_t d = 0; d < D; ++d) nn += static_cast<acc_t>(nk[d]) * static_cast<acc_t>(nk[d]);
-      const acc_t inv = inv_norm(nn, normalize);
+      double nn = 0;  // in double: a float row of any finite magnitude has a finite norm
+      for (int64_t d = 0; d < D; ++d) nn += double(nk[d]) * double(nk[d]);
+      const acc_t inv = static_cast<acc_t>(normalize ? 1.0 / std::max(std::sqrt(nn), kNormEps) : 1.0);
       for (int64_t p = start[k]; p < start[k + 1]; ++p) {
         const int64_t i = order[p] / M;
         const acc_t* qi = qp + i * D;
@@ -403,7 +459,7 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
         for (int64_t d = 0; d < D; ++d) acc[d] += c * qi[d];
       }
       acc_t proj = 0;
-      const bool has_proj = normalize && std::sqrt(nn) >= static_cast<acc_t>(kNormEps);
+      const bool has_proj = normalize && std::sqrt(nn) >= kNormEps;
       if (has_proj)
         for (int64_t d = 0; d < D; ++d) proj += static_cast<acc_t>(nk[d]) * inv * acc[d];
       for (int64_t d = 0; d < D; ++d)

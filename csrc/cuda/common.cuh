@@ -71,10 +71,44 @@ template <typename A> __device__ A block_sum(A v) {
   return total;
 }
 
+// Max over the block (NaN never wins: fmax), with block_sum's rules; every thread gets the result.
+template <typename A> __device__ A block_max(A v) {
+  __shared__ A part[kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  A total = 0;
+  for (int w = 0; w < warps; ++w) total = dmax(total, part[w]);
+  return total;
+}
+
 // 1 / max(||x||, eps), from the squared norm.
 template <typename A> __device__ __forceinline__ A inv_norm(A ss) {
   return A(1) / dmax(dsqrt(ss), static_cast<A>(kNormEps));
 }
+
+// 1 / max(n, eps), from the norm.
+template <typename A> __device__ __forceinline__ A inv_of_norm(A n) { return A(1) / dmax(n, static_cast<A>(kNormEps)); }
+
+// A row's L2 norm from its warp-summed squares ``ss`` in A, redone in double when those overflowed
+// (a float row of norm above ~1.8e19), so every finite row up to FLT_MAX normalises like the
+// reference's overflow-safe norm. ss is the same on every lane: the branch is warp-uniform.
+template <typename T, typename A>
+__device__ A warp_row_norm(A ss, const T* __restrict__ xr, int64_t D, int lane) {
+  if (isfinite(ss)) return dsqrt(ss);
+  double s = 0;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const double v = static_cast<double>(static_cast<A>(xr[d]));
+    s += v * v;
+  }
+  return static_cast<A>(sqrt(warp_sum(s)));
+}
+
+// The shift of torch.logsumexp: the running max, or 0 where it is infinite, so exp(x - shift) of an
+// infinite score is inf or 0, never the NaN of inf - inf.
+template <typename A> __device__ __forceinline__ A lse_shift(A m) { return isinf(m) ? A(0) : m; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -56,6 +56,14 @@ __global__ void pgd_linf_kernel(T* __restrict__ x, const T* __restrict__ g, cons
   }
 }
 
+// The reference's l2_direction u before normalising: NaN -> 0; g / max|g|; with an inf max, +-1 on
+// the inf elements and 0 elsewhere (the limit direction).
+template <typename A> __device__ __forceinline__ A l2_scaled(A g, A gmax) {
+  if (isnan(g) || !(gmax > A(0))) return A(0);
+  if (isinf(gmax)) return isinf(g) ? (g > A(0) ? A(1) : A(-1)) : A(0);
+  return g / gmax;
+}
+
 template <typename T>
 __global__ void pgd_l2_kernel(T* __restrict__ x, const T* __restrict__ g, const T* __restrict__ xn,
                               const acc_of<T>* __restrict__ alpha_t, acc_of<T> alpha,
@@ -65,23 +73,30 @@ __global__ void pgd_l2_kernel(T* __restrict__ x, const T* __restrict__ g, const 
   T* xb = x + b * N;
   const T* gb = g + b * N;
   const T* nb = xn + b * N;
+  A mx = 0;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) mx = dmax(mx, fabs(static_cast<A>(gb[j])));
+  const A gmax = block_max(mx);
   A ss = 0;
-  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) ss += static_cast<A>(gb[j]) * static_cast<A>(gb[j]);
-  const A gn = dsqrt(block_sum(ss));
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    const A u = l2_scaled(static_cast<A>(gb[j]), gmax);
+    ss += u * u;
+  }
+  const A un = dsqrt(block_sum(ss));
   const A a = alpha_t ? alpha_t[b] : alpha;
   const A e = eps_t ? eps_t[b] : eps;
+  auto delta_at = [&](int64_t j) -> A {
+    const A unit = un > A(0) ? l2_scaled(static_cast<A>(gb[j]), gmax) / un : A(0);
+    return (static_cast<A>(xb[j]) + a * unit) - static_cast<A>(nb[j]);
+  };
   A dd = 0;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    const A unit = gn > A(0) ? static_cast<A>(gb[j]) / gn : A(0);
-    const A d = (static_cast<A>(xb[j]) + a * unit) - static_cast<A>(nb[j]);
+    const A d = delta_at(j);
     dd += d * d;
   }
   const A dn = dsqrt(block_sum(dd));  // block_sum syncs: every read of x_adv is done before any write
   const A scale = dn > e ? e / dn : A(1);
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    const A unit = gn > A(0) ? static_cast<A>(gb[j]) / gn : A(0);
-    const A d = (static_cast<A>(xb[j]) + a * unit) - static_cast<A>(nb[j]);
-    const T dt = static_cast<T>(d * scale);
+    const T dt = static_cast<T>(delta_at(j) * scale);
     const T y = static_cast<T>(static_cast<A>(nb[j]) + static_cast<A>(dt));
     xb[j] = clamp_to<T, A>(y, lo, hi);
   }
@@ -139,7 +154,7 @@ __global__ void normalize_kernel(const T* __restrict__ x, T* __restrict__ out, i
   const T* xr = x + row * D;
   A ss = 0;
   for (int64_t d = lane; d < D; d += kWarp) ss += static_cast<A>(xr[d]) * static_cast<A>(xr[d]);
-  const A denom = dmax(dsqrt(warp_sum(ss)), static_cast<A>(kNormEps));
+  const A denom = dmax(warp_row_norm(warp_sum(ss), xr, D, lane), static_cast<A>(kNormEps));
   for (int64_t d = lane; d < D; d += kWarp) out[row * D + d] = static_cast<T>(static_cast<A>(xr[d]) / denom);
 }
 
@@ -158,10 +173,10 @@ __global__ void normalize_backward_kernel(const T* __restrict__ g, const T* __re
     ss += xv * xv;
     xg += xv * static_cast<A>(gr[d]);
   }
-  ss = warp_sum(ss);
   xg = warp_sum(xg);
-  const A inv = inv_norm(ss);
-  const A c = dsqrt(ss) >= static_cast<A>(kNormEps) ? xg * inv * inv : A(0);
+  const A n = warp_row_norm(warp_sum(ss), xr, D, lane);
+  const A inv = inv_of_norm(n);
+  const A c = n >= static_cast<A>(kNormEps) ? xg * inv * inv : A(0);
   for (int64_t d = lane; d < D; d += kWarp)
     out[row * D + d] = static_cast<T>(inv * (static_cast<A>(gr[d]) - static_cast<A>(xr[d]) * c));
 }
@@ -183,16 +198,15 @@ __global__ void cosine_kernel(const T* __restrict__ a, const T* __restrict__ b, 
     bb += y * y;
     ab += x * y;
   }
-  aa = warp_sum(aa);
-  bb = warp_sum(bb);
+  const A na = warp_row_norm(warp_sum(aa), ar, D, lane), nb = warp_row_norm(warp_sum(bb), br, D, lane);
   ab = warp_sum(ab);
-  const A ia = inv_norm(aa), ib = inv_norm(bb), cos = ab * ia * ib;
+  const A ia = inv_of_norm(na), ib = inv_of_norm(nb), cos = ab * ia * ib;
   if (out != nullptr) {
     if (lane == 0) out[row] = cos;
     return;
   }
   // backward: d cos / d a = ia (b_hat - [proj] a_hat cos), symmetrically for b
-  const bool pa = dsqrt(aa) >= static_cast<A>(kNormEps), pb = dsqrt(bb) >= static_cast<A>(kNormEps);
+  const bool pa = na >= static_cast<A>(kNormEps), pb = nb >= static_cast<A>(kNormEps);
   const A gr = grad[row];
   for (int64_t d = lane; d < D; d += kWarp) {
     const A ah = static_cast<A>(ar[d]) * ia, bh = static_cast<A>(br[d]) * ib;
@@ -218,7 +232,7 @@ at::Tensor normalize_cuda(const at::Tensor& x_in) {
 
 at::Tensor normalize_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in) {
   check_rows("x", x_in);
-  TORCH_CHECK(grad.sizes() == x_in.sizes(), "gacd_fast.normalize_backward: grad must have x's shape");
+  check_grad_like("normalize_backward", grad, x_in.sizes(), x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), g = grad.to(x.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(x);
@@ -252,7 +266,7 @@ at::Tensor cosine_similarity_cuda(const at::Tensor& a_in, const at::Tensor& b_in
 std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Tensor& grad, const at::Tensor& a_in,
                                                                    const at::Tensor& b_in) {
   check_pair("cosine_similarity_backward", a_in, b_in);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == a_in.size(0), "gacd_fast.cosine_similarity_backward: grad must be [N]");
+  check_grad_like("cosine_similarity_backward", grad, {a_in.size(0)}, a_in);
   c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor g = grad.to(acc_type(a.scalar_type())).contiguous();

@@ -82,11 +82,11 @@ __global__ void unit_rows_kernel(const T* __restrict__ x, int64_t N, int64_t D, 
   const T* xr = x + row * D;
   A ss = 0;
   for (int64_t d = lane; d < D; d += kWarp) ss += static_cast<A>(xr[d]) * static_cast<A>(xr[d]);
-  ss = warp_sum(ss);
-  const A iv = normalize ? inv_norm(ss) : A(1);
+  const A n = warp_row_norm(warp_sum(ss), xr, D, lane);
+  const A iv = normalize ? inv_of_norm(n) : A(1);
   if (lane == 0) {
     inv[row] = iv;
-    nrm[row] = dsqrt(ss);
+    nrm[row] = n;
   }
   if (xhat != nullptr)
     for (int64_t d = lane; d < D; d += kWarp) xhat[row * D + d] = static_cast<A>(xr[d]) * iv;
@@ -109,8 +109,9 @@ __global__ void fwd_shared_kernel(const A* __restrict__ qhat, const T* __restric
       const A v0 = tile.s[rr][lane], v1 = tile.s[rr][lane + 32];
       const A m_new = dmax(m[h], warp_max(dmax(v0, v1)));
       if (m_new == neg_inf<A>()) continue;  // padding rows
-      const A s = warp_sum(dexp(v0 - m_new) + dexp(v1 - m_new));
-      l[h] = l[h] * dexp(m[h] - m_new) + s;
+      const A sh = lse_shift(m_new);
+      const A s = warp_sum(dexp(v0 - sh) + dexp(v1 - sh));
+      l[h] = l[h] * dexp(m[h] - sh) + s;
       m[h] = m_new;
     }
     // the next score_tile writes tile.s only after its own barriers: no extra sync needed
@@ -139,10 +140,11 @@ __global__ void combine_kernel(const A* __restrict__ qhat, const A* __restrict__
   if (lane != 0) return;
   A mx = s_pos;
   for (int64_t s = 0; s < S; ++s) mx = dmax(mx, part_m[s * B + row]);
-  A sum = dexp(s_pos - mx);
+  const A sh = lse_shift(mx);
+  A sum = dexp(s_pos - sh);
   for (int64_t s = 0; s < S; ++s) {
     const A pm = part_m[s * B + row];
-    if (pm != neg_inf<A>()) sum += part_l[s * B + row] * dexp(pm - mx);
+    if (pm != neg_inf<A>()) sum += part_l[s * B + row] * dexp(pm - sh);
   }
   lse[row] = mx + dlog(sum);
   loss[row] = lse[row] - s_pos;
@@ -168,10 +170,10 @@ __global__ void fwd_index_kernel(const A* __restrict__ qhat, const A* __restrict
       nn += x * x;
     }
     dot = warp_sum(dot);
-    nn = warp_sum(nn);
-    const A s = dot * (normalize ? inv_norm(nn) : A(1)) * scale;
+    const A s = dot * (normalize ? inv_of_norm(warp_row_norm(warp_sum(nn), nk, D, lane)) : A(1)) * scale;
     const A m_new = dmax(m, s);
-    l = l * dexp(m - m_new) + dexp(s - m_new);
+    const A sh = lse_shift(m_new);
+    l = l * dexp(m - sh) + dexp(s - sh);
     m = m_new;
   }
   if (lane == 0) {
@@ -186,9 +188,10 @@ __global__ void fwd_index_kernel(const A* __restrict__ qhat, const A* __restrict
   if (lane != 0) return;
   A mx = s_pos;
   for (int w = 0; w < kIndexWarps; ++w) mx = dmax(mx, wm[w]);
-  A sum = dexp(s_pos - mx);
+  const A sh = lse_shift(mx);
+  A sum = dexp(s_pos - sh);
   for (int w = 0; w < kIndexWarps; ++w)
-    if (wm[w] != neg_inf<A>()) sum += wl[w] * dexp(wm[w] - mx);
+    if (wm[w] != neg_inf<A>()) sum += wl[w] * dexp(wm[w] - sh);
   lse[i] = mx + dlog(sum);
   loss[i] = lse[i] - s_pos;
 }
@@ -282,8 +285,7 @@ __global__ void bwd_dq_index_kernel(const A* __restrict__ qhat, const T* __restr
       nn += x * x;
     }
     dot = warp_sum(dot);
-    nn = warp_sum(nn);
-    const A inv = normalize ? inv_norm(nn) : A(1);
+    const A inv = normalize ? inv_of_norm(warp_row_norm(warp_sum(nn), nk, D, lane)) : A(1);
     const A c = g[i] * scale * dexp(dot * inv * scale - lse[i]) * inv;
     for (int64_t d = lane; d < D; d += kWarp) out[d] += c * static_cast<A>(nk[d]);
   }

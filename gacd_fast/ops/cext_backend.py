@@ -27,10 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .reference import acc_dtype
+from .chunked import SECOND_ORDER_ERROR
+# The random start is the reference's: torch's RNG draws exactly the torch backend's (and
+# torchattacks') start, one elementwise pass that needs no kernel of its own.
+from .reference import acc_dtype, pgd_random_start
 
 __all__ = [
-    "info_nce_rows", "normalize", "cosine_similarity", "pgd_step_", "unavailable_reason",
+    "info_nce_rows", "normalize", "cosine_similarity", "pgd_step_", "pgd_random_start", "unavailable_reason",
     "load", "is_loaded", "is_built", "source_dir", "sources", "find_cuda_home",
 ]
 
@@ -273,6 +276,17 @@ def _ensure() -> None:
         load()
 
 
+def _first_order_only(op: str) -> None:
+    """The C++ backward ops have no autograd formula of their own: differentiating them again
+    (backward with create_graph=True, which runs backward with grad mode on) would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            SECOND_ORDER_ERROR if op == "info_nce" else
+            f"second-order gradients (create_graph=True) through {op} are not supported by the cext "
+            "backend; use backend='torch'"
+        )
+
+
 # ------------------------------------------------------------------ torch.library registrations
 def _register_python_side() -> None:
     """Fake kernels and autograd formulas for the C++-defined ops (once per process)."""
@@ -319,6 +333,7 @@ def _register_python_side() -> None:
         ctx.save_for_backward(inputs[0])
 
     def _norm_backward(ctx, grad):
+        _first_order_only("normalize")
         (x,) = ctx.saved_tensors
         return torch.ops.gacd_fast.normalize_backward(grad, x)
 
@@ -328,6 +343,7 @@ def _register_python_side() -> None:
         ctx.save_for_backward(inputs[0], inputs[1])
 
     def _cos_backward(ctx, grad):
+        _first_order_only("cosine_similarity")
         a, b = ctx.saved_tensors
         return torch.ops.gacd_fast.cosine_similarity_backward(grad, a, b)
 
@@ -349,6 +365,7 @@ def _register_python_side() -> None:
         need_q, need_p, need_n = ctx.needs_input_grad[:3]
         if g_loss is None:
             return None, None, None, None, None, None, None
+        _first_order_only("info_nce")
         dq, dp, dn = torch.ops.gacd_fast.info_nce_backward(
             g_loss, query, positive, negatives, neg_index, lse, dq_neg, ctx.temperature, ctx.normalize,
             need_q, need_p, need_n,

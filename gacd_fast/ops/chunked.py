@@ -6,14 +6,20 @@ When the negatives need no gradient (a memory bank: the main case) its forward a
 d lse_i / d q_i = sum_k softmax_ik n_k / tau (flash-attention's output with V = K), so backward is a
 per-row scale and the bank is not saved: an in-place bank update after forward stays safe.
 When the negatives need a gradient (in-batch keys) backward recomputes the chunks from the stored
-LSE instead.
+LSE instead. That lean path keeps no bank, so it cannot give second-order gradients: its backward
+refuses create_graph=True with a RuntimeError (the recompute path is twice differentiable).
+Infinite scores follow torch.logsumexp: a +inf score gives lse = +inf, never NaN from inf - inf.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .reference import NORM_EPS, acc_dtype
+from .reference import acc_dtype, l2_normalize
+
+SECOND_ORDER_ERROR = (
+    "second-order gradients (create_graph=True) through info_nce are supported only by the torch "
+    "backend with negatives that require grad; this call's backward is first-order only"
+)
 
 # Elements of one chunk's temporary ([B, c] logits, or [B, c, D] gathered rows): 4 MB in float32,
 # big enough that each chunk's matmul runs at full speed.
@@ -71,6 +77,8 @@ class _NegativeLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.grad_in_forward:
+            if torch.is_grad_enabled():  # create_graph: d(dlse_dq)/dq needs the bank, not kept
+                raise RuntimeError(SECOND_ORDER_ERROR)
             (dlse_dq,) = ctx.saved_tensors
             return g[:, None] * dlse_dq, None, None, None, None, None
         q, n, idx, lse = ctx.saved_tensors
@@ -113,7 +121,7 @@ def info_nce_rows(
     acc = acc_dtype(query.dtype)
     q, p, n = (t.to(acc) for t in (query, positive, negatives))
     if normalize:
-        q, p, n = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (q, p, n))
+        q, p, n = (l2_normalize(t) for t in (q, p, n))
     idx = None if neg_index is None else neg_index.long()
     grad_in_forward = torch.is_grad_enabled() and q.requires_grad and not n.requires_grad
     lse_neg = _NegativeLSE.apply(q, n, idx, 1.0 / temperature, chunk, grad_in_forward)

@@ -17,9 +17,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-row max |x| [..., 1] where it is finite and > 0, else 1 (a constant: no gradient)."""
+    m = x.detach().abs().amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1, eps=1e-12)``, overflow-safe: rows are scaled by their max |x| before
+    the norm, so a finite row of any magnitude (float32 up to 3e38) normalises instead of its
+    squared norm overflowing to inf. x / max(||x||, eps) = (x/s) / max(||x/s||, eps/s), and with a
+    constant s the gradient is that of F.normalize."""
+    s = _row_scale(x)
+    y = x / s
+    return y / torch.maximum(y.norm(p=2, dim=-1, keepdim=True), NORM_EPS / s)
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` upcast to the accumulation dtype and L2-normalised."""
-    return F.normalize(x.to(acc_dtype(x.dtype)), dim=-1, eps=NORM_EPS)
+    return l2_normalize(x.to(acc_dtype(x.dtype)))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +63,7 @@ def info_nce_rows(
     acc = acc_dtype(query.dtype)
     q, p, n = (t.to(acc) for t in (query, positive, negatives))
     if normalize:
-        q, p, n = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (q, p, n))
+        q, p, n = (l2_normalize(t) for t in (q, p, n))
     s_pos = (q * p).sum(-1) / temperature
     if neg_index is None:
         s_neg = q @ n.t() / temperature  # [B, K]
@@ -74,7 +90,7 @@ def nce_rows(
     acc = acc_dtype(query.dtype)
     q, p, n = (t.to(acc) for t in (query, positive, negatives))
     if normalize:
-        q, p, n = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (q, p, n))
+        q, p, n = (l2_normalize(t) for t in (q, p, n))
     if neg_index is None:
         s_neg = q @ n.t() / temperature
     else:
@@ -97,6 +113,23 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return n.view(-1, *([1] * (x.dim() - 1)))
 
 
+def l2_direction(grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample grad / ||grad|| [B, ...] in the accumulation dtype, 0 where there is no direction.
+
+    NaN elements count as 0 (no step along them, as sign(NaN) = 0 in linf). Overflow-safe: each
+    sample is scaled by its max |grad| first; with +-inf elements the direction is their limit
+    (+-1 on the inf elements, 0 elsewhere, then unit length)."""
+    acc = acc_dtype(grad.dtype)
+    zero = torch.zeros((), dtype=acc, device=grad.device)
+    g = grad.to(acc)
+    g = torch.where(torch.isnan(g), zero, g)
+    m = g.abs().flatten(1).amax(1).view(-1, *([1] * (g.dim() - 1)))
+    u = torch.where(torch.isinf(m), torch.where(torch.isinf(g), g.sign(), zero),
+                    g / torch.where(m > 0, m, torch.ones_like(m)))
+    n = _row_norms(u)
+    return torch.where(n > 0, u / torch.where(n > 0, n, torch.ones_like(n)), zero)
+
+
 def pgd_step_(
     x_adv: torch.Tensor,
     grad: torch.Tensor,
@@ -111,8 +144,10 @@ def pgd_step_(
 
     linf, in torchattacks' op order (bitwise):
         x_adv <- clamp(x_nat + clamp(x_adv + alpha*sign(grad) - x_nat, -eps, eps), clip_min, clip_max)
-    l2: step alpha * grad / ||grad|| per sample (none where ||grad|| == 0), project the
-        perturbation onto the eps-ball (scale by min(1, eps/||delta||)), then clamp.
+    l2: step alpha * grad / ||grad|| per sample (none where ||grad|| == 0; see ``l2_direction``
+        for NaN and inf), project the perturbation onto the eps-ball (scale by
+        min(1, eps/||delta||)), then clamp.
+    NaN in grad takes no step (sign(NaN) = 0); NaN in x_adv or x_nat propagates.
     """
     a = _per_sample(alpha, x_adv)
     e = _per_sample(eps, x_adv)
@@ -122,8 +157,7 @@ def pgd_step_(
         delta = grad.sign().mul_(a).add_(x_adv).sub_(x_nat).clamp_(min=-e, max=e)
     else:
         acc = acc_dtype(x_adv.dtype)
-        g_norm = _row_norms(grad)
-        unit = torch.where(g_norm > 0, grad.to(acc) / g_norm, torch.zeros((), dtype=acc, device=grad.device))
+        unit = l2_direction(grad)
         adv = x_adv.to(acc) + _per_sample(alpha, unit) * unit
         delta = adv - x_nat.to(acc)
         d_norm = _row_norms(delta)
