@@ -37,8 +37,9 @@ import triton.language as tl
 from ._common import LIB, cdiv, dot_precision, interpreting, pow2, sm_count, upcast_dot
 from .similarity import normalize_backward, row_inv_norms
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E_F = 1.4426950408889634  # log2(e) for the host; LOG2E/LN2 are the kernels' constexprs
+LOG2E = tl.constexpr(LOG2E_F)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_RESIDENT_D = 256  # up to this width a program keeps its whole q (or bank) tile for the whole loop
 
 
@@ -242,15 +243,20 @@ def _combine_kernel(q_ptr, p_ptr, rq_ptr, rp_ptr, m_ptr, l_ptr, loss_ptr, lse_pt
         pt = tl.load(p_ptr + off, mask=msk, other=0.0).to(tl.float32) * pp[:, None]
         qp += tl.sum(qt * pt, axis=1)
     t_pos = qp * (rq / pq) * (rp / pp) * scale2
-    sp = tl.arange(0, BLOCK_S)
-    pm = rmask[:, None] & (sp < S)[None, :]
-    off = sp[None, :].to(tl.int64) * B + rows[:, None]
-    ms = tl.load(m_ptr + off, mask=pm, other=float("-inf"))
-    ls = tl.load(l_ptr + off, mask=pm, other=0.0)
-    mx = tl.maximum(t_pos, tl.max(ms, axis=1))
-    sh = _finite_shift(mx)
-    tot = tl.exp2(t_pos - sh) + tl.sum(tl.where(pm, ls * tl.exp2(_finite_shift(ms) - sh[:, None]), 0.0), axis=1)
-    lse2 = sh + tl.log2(tot)
+    m = t_pos
+    l = tl.exp2(t_pos - _finite_shift(t_pos))
+    for s0 in range(0, S, BLOCK_S):  # the split partials, merged in a fixed order
+        sp = s0 + tl.arange(0, BLOCK_S)
+        pm = rmask[:, None] & (sp < S)[None, :]
+        off = sp[None, :].to(tl.int64) * B + rows[:, None]
+        ms = tl.load(m_ptr + off, mask=pm, other=float("-inf"))
+        ls = tl.load(l_ptr + off, mask=pm, other=0.0)
+        m_new = tl.maximum(m, tl.max(ms, axis=1))
+        sh = _finite_shift(m_new)
+        l = l * tl.exp2(_finite_shift(m) - sh) + tl.sum(
+            tl.where(pm, ls * tl.exp2(_finite_shift(ms) - sh[:, None]), 0.0), axis=1)
+        m = m_new
+    lse2 = _finite_shift(m) + tl.log2(l)
     tl.store(lse_ptr + rows, lse2 * LN2, mask=rmask)
     tl.store(loss_ptr + rows, (lse2 - t_pos) * LN2, mask=rmask)
 
@@ -356,7 +362,6 @@ def _dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
         nt = _load_rows(n_ptr, c0, ncols, D, dd, pn, BLOCK_N, BLOCK_D, DOT_T)
     do = pid_d * BLOCK_D + dd
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    ones = tl.full([BLOCK_M], 1.0, tl.float32)
     for i0 in range(0, B, BLOCK_M):
         nrows = B - i0
         rr = tl.arange(0, BLOCK_M)
@@ -415,22 +420,22 @@ class Tile(NamedTuple):
     num_stages: int
 
 
-# GPU tiles per (kernel, dtype group, BLOCK_D); chosen from the sm_90 compile report
+# GPU tiles per (kernel, dtype group, BLOCK_D); first pass from the sm_90 compile report
 # (benchmarks/kernel_report.py): no spills, and <= 128 registers a thread where the tile allows two
 # programs per SM. "half" = fp16/bf16 tiles, "f32" = fp32 (ieee or tf32).
 _GPU_TILES: dict[tuple[str, str], dict[int, Tile]] = {
-    ("fwd", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 64, 64, 4, 3),
-                      128: Tile(64, 64, 128, 4, 3), 256: Tile(64, 64, 256, 8, 2)},
-    ("fwd", "f32"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 64, 64, 4, 2),
-                     128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 1)},
-    ("dq", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 64, 64, 4, 3),
-                     128: Tile(64, 64, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
-    ("dq", "f32"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 4, 2),
-                    128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 1)},
-    ("dn", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 64, 64, 4, 3),
-                     128: Tile(64, 64, 128, 8, 2), 256: Tile(32, 64, 256, 8, 2)},
-    ("dn", "f32"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(32, 64, 64, 4, 2),
-                    128: Tile(32, 64, 128, 8, 2), 256: Tile(32, 64, 256, 8, 1)},
+    ("fwd", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 8, 2),
+                      128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
+    ("fwd", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
+    ("dq", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 8, 2),
+                     128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
+    ("dq", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+                    128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
+    ("dn", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(32, 64, 64, 8, 2),
+                     128: Tile(32, 64, 128, 8, 2), 256: Tile(32, 64, 256, 8, 2)},
+    ("dn", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+                    128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
     ("gather", "any"): {16: Tile(1, 64, 16, 4, 2), 32: Tile(1, 64, 32, 4, 2), 64: Tile(1, 64, 64, 4, 2),
                         128: Tile(1, 32, 128, 4, 2), 256: Tile(1, 16, 256, 4, 2)},
 }
@@ -475,6 +480,13 @@ def dot_types(dtype: torch.dtype) -> dict:
     return dict(DOT_T=native, DOT_PREC="ieee", ACC_T=native, ACC_PREC="ieee")
 
 
+def combine_tile(B: int, D: int, S: int) -> Tile:
+    """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step)."""
+    if interpreting():
+        return Tile(pow2(B, 1, 64), pow2(S, 2, 64), pow2(D, 16, MAX_RESIDENT_D), 1, 1)
+    return Tile(32, 16, 64, 4, 2)
+
+
 def _splits(row_programs: int, total: int, block: int, device: torch.device) -> tuple[int, int]:
     """(number of split-K chunks, chunk length, a multiple of ``block``) over ``total`` negatives."""
     if config.num_splits is not None:
@@ -504,7 +516,7 @@ def _forward(q, p, n, idx, scale, normalize, compute_dq):
     (the bank's part of d loss_i / d q^_i before the row weight), else an empty tensor."""
     B, D = q.shape
     rq, rp, rn = _norms(q, normalize), _norms(p, normalize), _norms(n, normalize)
-    scale2 = scale * LOG2E
+    scale2 = scale * LOG2E_F
     resident = D <= MAX_RESIDENT_D
     with_dq = compute_dq and resident  # wider rows: dq by the backward kernel, still in forward
     if idx is None:
@@ -533,14 +545,14 @@ def _forward(q, p, n, idx, scale, normalize, compute_dq):
         )
     loss = torch.empty(B, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(loss)
-    bm = pow2(B, 1, 64)
-    _combine_kernel[(cdiv(B, bm),)](
+    c = combine_tile(B, D, S)
+    _combine_kernel[(cdiv(B, c.block_m),)](
         q, p, rq, rp, m_part, l_part, loss, lse, B, D, S, scale2,
-        BLOCK_M=bm, BLOCK_D=pow2(D, 16, MAX_RESIDENT_D), BLOCK_S=pow2(S, 2),
+        BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_S=c.block_n, **_launch(c),
     )
     dq_neg = torch.empty(0, dtype=torch.float32, device=q.device)
     if with_dq:  # partials relative to 2^shift(m_s): merge in a fixed order, normalised by the LSE
-        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :] * LOG2E)
+        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :] * LOG2E_F)
         dq_neg = (w[:, :, None] * acc).sum(0) * scale
     elif compute_dq:
         dq_neg, _ = _dq_neg(q, n, idx, rq, rn, lse, torch.ones_like(lse), scale, want_coef=False)
@@ -570,7 +582,7 @@ def _(query, positive, negatives, neg_index, scale, normalize, compute_dq):
 def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = True):
     """sum_j g_i P_ij n^_j / tau [B, D] fp32 (None if not ``want_dq``), and the gather-mode coef."""
     B, D = q.shape
-    scale2 = scale * LOG2E
+    scale2 = scale * LOG2E_F
     resident = D <= MAX_RESIDENT_D
     coef = None
     if idx is None:
@@ -651,7 +663,7 @@ def _info_nce_bwd_n(grad: torch.Tensor, query: torch.Tensor, negatives: torch.Te
         if interpreting():
             t = t._replace(block_n=min(t.block_n, 128))
         _dn_bank_kernel[(cdiv(K, t.block_n), cdiv(D, t.block_d))](
-            q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E, scale,
+            q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E_F, scale,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=D <= MAX_RESIDENT_D,
             **dot_types(q.dtype), **_launch(t),
         )
