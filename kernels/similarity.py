@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import LIB, cdiv, interpreting, pow2
 
-NORM_EPS: tl.constexpr = 1e-12  # F.normalize eps
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize eps (a constexpr global: kernels read it)
 
 
 @triton.jit
