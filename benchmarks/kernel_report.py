@@ -233,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernel_resources.csv"))
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    ap.add_argument("--only", nargs="*", default=[""], help="compile only kernels whose name contains one of these")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of --out for kernels not compiled now")
     ap.add_argument("--no-cuda-ext", action="store_true", help="skip the nvcc compile of csrc/cuda")
     args = ap.parse_args(argv)
     started = time.time()
-    todo = [(j, a, d) for j in jobs() if args.only in j[1] for a in args.arch for d in (False,)]
+    todo = [(j, a, d) for j in jobs() if any(o in j[1] for o in args.only) for a in args.arch for d in (False,)]
     print(f"compiling {len(todo)} Triton kernel variants with {args.jobs} processes ...", flush=True)
     with ProcessPoolExecutor(args.jobs) as ex:
         rows = list(ex.map(_run, todo, chunksize=4))
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += cuda_ext_rows(args.arch)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        done = {r["kernel"] for r in rows}
+        rows = [r for r in csv.DictReader(out.open()) if r["kernel"] not in done] + rows
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
