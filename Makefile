@@ -10,7 +10,7 @@ NODEPS  := mlxtend==0.25.0 torchattacks==3.5.1
 PEERS   := pytorch-metric-learning==2.9.0 scipy requests
 STAMP   := .venv/.installed
 
-.PHONY: demo test bench clean ext
+.PHONY: demo test bench clean ext kernel-report gpu-check
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -34,6 +34,17 @@ ext: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(PEERS)
 	$(PY) benchmarks/run_all.py $$( $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')" )
+
+# Compile every Triton kernel (and csrc/cuda with nvcc) for sm_80 and sm_90 on a CPU; resources in
+# benchmarks/results/kernel_resources.csv; the cost model beside it (a model, not a measurement).
+kernel-report: $(STAMP)
+	env -u TRITON_INTERPRET nice -n 10 $(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/cost_model.py
+
+# Every owed GPU check (tests without the interpreter, memcheck, determinism, benchmarks, CUDA
+# extension, training step). On a lent GPU machine: make gpu-check PY=python3 (no .venv, no pip).
+gpu-check:
+	PYTHONPATH=. $(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -28,7 +28,7 @@ Sizes: one fixed config per (interpreter | GPU); no autotuning yet (it needs a G
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -37,8 +37,10 @@ import triton.language as tl
 from ._common import LIB, cdiv, dot_precision, interpreting, pow2, sm_count, upcast_dot
 from .similarity import normalize_backward, row_inv_norms
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_F = 1.4426950408889634  # log2(e) for the host; LOG2E/LN2 are the kernels' constexprs
+LOG2E = tl.constexpr(LOG2E_F)
+LN2 = tl.constexpr(0.6931471805599453)
+MAX_RESIDENT_D = 256  # up to this width a program keeps its whole q (or bank) tile for the whole loop
 
 
 class _Config:
@@ -55,85 +57,171 @@ config = _Config()
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bank_scores(q_ptr, n_ptr, rows, rmask, cols, cmask, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Raw dot products q_rows . n_cols [BLOCK_M, BLOCK_N] in fp32, D looped in BLOCK_D chunks."""
-    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        qt = tl.load(q_ptr + rows[:, None] * D + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        nt = tl.load(n_ptr + cols[None, :] * D + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            nt = nt.to(tl.float32)
-        s = tl.dot(qt, nt, s, input_precision=DOT_PREC)
-    return s
+def _finite_shift(m):
+    """The exponent shift of an online sum whose running max is ``m``: m itself, 0 where m is
+    +-inf (torch.logsumexp semantics: a +inf logit gives +inf, never inf - inf = NaN)."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
 
 
 @triton.jit
-def _gather_scores(q_ptr, n_ptr, row, nid, jmask, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Raw dot products q_row . n[nid] [BLOCK_N] in fp32 for one query row and gathered bank rows."""
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        qv = tl.load(q_ptr + row * D + dd, mask=dmask, other=0.0).to(tl.float32)
-        nt = tl.load(n_ptr + nid[:, None] * D + dd[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
-        s += tl.sum(nt.to(tl.float32) * qv[None, :], axis=1)
-    return s
+def _pow2_prescale(r):
+    """An (up to rounding) power of two near the inverse norm ``r``: the resident tile is multiplied
+    by it once, so raw dot products stay within ~2 ||other row|| (no overflow for huge rows) while
+    the rows keep their own precision; the rest, r / prescale, is applied to the scores."""
+    return tl.exp2(tl.ceil(tl.log2(r)))
 
 
 @triton.jit
-def _fwd_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, B, K, D, chunk, scale2,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _load_rows(ptr, r0, nrows, D, dd, PRESCALE, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+               DTYPE: tl.constexpr):
+    """Rows [r0, r0 + ROWS) x columns dd of a [*, D] matrix (zero-padded), times the per-row
+    ``PRESCALE`` [ROWS] fp32, as a [ROWS, BLOCK_D] tile of ``DTYPE``. r0 is int64 (big banks),
+    the in-tile offsets int32."""
+    rr = tl.arange(0, ROWS)
+    t = tl.load(ptr + r0 * D + rr[:, None] * D + dd[None, :], mask=(rr < nrows)[:, None] & (dd < D)[None, :],
+                other=0.0)
+    return (t.to(tl.float32) * PRESCALE[:, None]).to(DTYPE)
+
+
+@triton.jit
+def _load_cols(ptr, c0, ncols, D, dd, DTYPE: tl.constexpr, COLS: tl.constexpr):
+    """Bank rows [c0, c0 + ncols) as the transposed tile [BLOCK_D, COLS] of ``DTYPE``, zero-padded."""
+    cc = tl.arange(0, COLS)
+    t = tl.load(ptr + c0 * D + cc[None, :] * D + dd[:, None], mask=(cc < ncols)[None, :] & (dd < D)[:, None],
+                other=0.0)
+    return t.to(DTYPE)
+
+
+@triton.jit
+def _bank_scores(qt, q_ptr, row0, nrows, pq, n_ptr, k0, ncols, D, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Raw scores (pq q) . n [BLOCK_M, BLOCK_N] fp32 (|s| <~ 2 ||n||: multiply by 1/||n|| before any
+    other factor, so huge rows cannot overflow) and the bank tile [BLOCK_D, BLOCK_N] (valid when
+    ``RESIDENT``: the q tile ``qt`` holds all of D, loaded once per program; otherwise D is looped)."""
+    dd = tl.arange(0, BLOCK_D)
+    if RESIDENT:
+        nt = _load_cols(n_ptr, k0, ncols, D, dd, DOT_T, BLOCK_N)
+        s = tl.dot(qt, nt, input_precision=DOT_PREC)
+    else:
+        nt = tl.zeros([BLOCK_D, BLOCK_N], dtype=DOT_T)
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            qc = _load_rows(q_ptr, row0, nrows, D, d0 + dd, pq, BLOCK_M, BLOCK_D, DOT_T)
+            nc = _load_cols(n_ptr, k0, ncols, D, d0 + dd, DOT_T, BLOCK_N)
+            s = tl.dot(qc, nc, s, input_precision=DOT_PREC)
+    return s, nt
+
+
+@triton.jit
+def _fwd_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, K, D, chunk, scale2,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+                     WITH_DQ: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr, ACC_T: tl.constexpr,
+                     ACC_PREC: tl.constexpr):
+    """Split-K partials of rows [row0, row0 + BLOCK_M) over bank rows [k_start, k_end): the online
+    max m and sum l (base 2, l relative to 2^shift(m)) and, with ``WITH_DQ`` (bank needs no grad,
+    D <= BLOCK_D), acc = sum_j 2^(t_j - shift(m)) n_j / ||n_j|| [BLOCK_M, D] (the dq numerator)."""
     pid_s = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < B
-    rq = tl.load(rq_ptr + rows, mask=rmask, other=0.0) * scale2  # 1/||q|| * log2(e)/tau, folded
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rr = tl.arange(0, BLOCK_M)
+    nrows = B - row0
+    rmask = rr < nrows
+    dd = tl.arange(0, BLOCK_D)
+    rq = tl.load(rq_ptr + row0 + rr, mask=rmask, other=1.0)
+    pq = _pow2_prescale(rq)
+    rowf = rq / pq * scale2  # the rest of 1/||q||, times log2(e)/tau: one multiplier per row
+    qt = tl.zeros([BLOCK_M, BLOCK_D], dtype=DOT_T)
+    if RESIDENT:
+        qt = _load_rows(q_ptr, row0, nrows, D, dd, pq, BLOCK_M, BLOCK_D, DOT_T)
     k_start = pid_s * chunk
     k_end = tl.minimum(k_start + chunk, K)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_N):
-        cols = k0 + tl.arange(0, BLOCK_N)
-        cmask = cols < k_end
-        s = _bank_scores(q_ptr, n_ptr, rows, rmask, cols, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PREC)
-        rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
-        t = tl.where(cmask[None, :], s * rq[:, None] * rn[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(t, axis=1))  # every chunk has a valid column: m_new is finite
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
+        ncols = k_end - k0
+        s, nt = _bank_scores(qt, q_ptr, row0, nrows, pq, n_ptr, k0, ncols, D, DOT_T, BLOCK_M, BLOCK_N, BLOCK_D,
+                             RESIDENT, DOT_PREC)
+        kk = tl.arange(0, BLOCK_N)
+        rn = tl.load(rn_ptr + k0 + kk, mask=kk < ncols, other=0.0)
+        t = tl.where((kk < ncols)[None, :], s * rn[None, :] * rowf[:, None], float("-inf"))
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        sh = _finite_shift(m_new)
+        alpha = tl.exp2(_finite_shift(m) - sh)
+        e = tl.exp2(t - sh[:, None])
+        l = l * alpha + tl.sum(e, axis=1)
+        if WITH_DQ:
+            acc = tl.dot((e * rn[None, :]).to(ACC_T), tl.trans(nt).to(ACC_T), acc * alpha[:, None],
+                         input_precision=ACC_PREC)
         m = m_new
-    tl.store(m_ptr + pid_s * B + rows, m, mask=rmask)
-    tl.store(l_ptr + pid_s * B + rows, l, mask=rmask)
+    tl.store(m_ptr + pid_s * B + row0 + rr, m, mask=rmask)
+    tl.store(l_ptr + pid_s * B + row0 + rr, l, mask=rmask)
+    if WITH_DQ:
+        tl.store(acc_ptr + (pid_s * B + row0) * D + rr[:, None] * D + dd[None, :], acc,
+                 mask=rmask[:, None] & (dd < D)[None, :])
 
 
 @triton.jit
-def _fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, B, M, D, chunk, scale2,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_tile(n_ptr, nid, jmask, D, dd):
+    """Gathered bank rows n[nid] x columns dd [BLOCK_N, BLOCK_D] in fp32 (zero-padded)."""
+    t = tl.load(n_ptr + nid[:, None] * D + dd[None, :], mask=jmask[:, None] & (dd < D)[None, :], other=0.0)
+    return t.to(tl.float32)
+
+
+@triton.jit
+def _gather_scores(qv, q_ptr, row, pq, n_ptr, nid, jmask, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   RESIDENT: tl.constexpr):
+    """Raw scores (pq q_row) . n[nid] [BLOCK_N] fp32 and the gathered tile (valid when ``RESIDENT``:
+    ``qv`` [BLOCK_D] holds all of the query row)."""
+    dd = tl.arange(0, BLOCK_D)
+    if RESIDENT:
+        nt = _gather_tile(n_ptr, nid, jmask, D, dd)
+        s = tl.sum(nt * qv[None, :], axis=1)
+    else:
+        nt = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        s = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            qc = tl.load(q_ptr + row * D + d0 + dd, mask=d0 + dd < D, other=0.0).to(tl.float32) * pq
+            s += tl.sum(_gather_tile(n_ptr, nid, jmask, D, d0 + dd) * qc[None, :], axis=1)
+    return s, nt
+
+
+@triton.jit
+def _fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, M, D, chunk, scale2,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, WITH_DQ: tl.constexpr):
+    """As _fwd_bank_kernel for one query row against its gathered rows n[neg_index[row, j]]."""
     row = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    rq = tl.load(rq_ptr + row) * scale2
+    dd = tl.arange(0, BLOCK_D)
+    rq = tl.load(rq_ptr + row)
+    pq = _pow2_prescale(rq)
+    rowf = rq / pq * scale2
+    qv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if RESIDENT:
+        qv = tl.load(q_ptr + row * D + dd, mask=dd < D, other=0.0).to(tl.float32) * pq
     j_start = pid_s * chunk
     j_end = tl.minimum(j_start + chunk, M)
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # per-lane running max/sum, merged at the end
-    l = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+    l = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         js = j0 + tl.arange(0, BLOCK_N)
         jmask = js < j_end
         nid = tl.load(idx_ptr + row * M + js, mask=jmask, other=0).to(tl.int64)
-        s = _gather_scores(q_ptr, n_ptr, row, nid, jmask, D, BLOCK_N, BLOCK_D)
+        s, nt = _gather_scores(qv, q_ptr, row, pq, n_ptr, nid, jmask, D, BLOCK_N, BLOCK_D, RESIDENT)
         rn = tl.load(rn_ptr + nid, mask=jmask, other=0.0)
-        t = tl.where(jmask, s * rq * rn, float("-inf"))
-        m_new = tl.maximum(m, t)
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with no column yet
-        l = l * tl.exp2(m - safe) + tl.exp2(t - safe)
+        t = tl.where(jmask, s * rn * rowf, float("-inf"))
+        m_new = tl.maximum(m, tl.max(t, axis=0))
+        sh = _finite_shift(m_new)
+        alpha = tl.exp2(_finite_shift(m) - sh)
+        e = tl.exp2(t - sh)
+        l = l * alpha + tl.sum(e, axis=0)
+        if WITH_DQ:
+            acc = acc * alpha + tl.sum((e * rn)[:, None] * nt, axis=0)
         m = m_new
-    mx = tl.max(m, axis=0)
-    tot = tl.sum(tl.where(m == float("-inf"), 0.0, l * tl.exp2(m - mx)), axis=0)
-    tl.store(m_ptr + pid_s * B + row, mx)
-    tl.store(l_ptr + pid_s * B + row, tot)
+    tl.store(m_ptr + pid_s * B + row, m)
+    tl.store(l_ptr + pid_s * B + row, l)
+    if WITH_DQ:
+        tl.store(acc_ptr + (pid_s * B + row) * D + dd, acc, mask=dd < D)
 
 
 @triton.jit
@@ -142,132 +230,170 @@ def _combine_kernel(q_ptr, p_ptr, rq_ptr, rp_ptr, m_ptr, l_ptr, loss_ptr, lse_pt
     """Adds the positive logit to the split partials (fixed order) -> lse (natural log, fp32), loss."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
+    rq = tl.load(rq_ptr + rows, mask=rmask, other=1.0)
+    rp = tl.load(rp_ptr + rows, mask=rmask, other=1.0)
+    pq = _pow2_prescale(rq)
+    pp = _pow2_prescale(rp)
     qp = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         msk = rmask[:, None] & (dd < D)[None, :]
         off = rows[:, None] * D + dd[None, :]
-        qt = tl.load(q_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        pt = tl.load(p_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        qt = tl.load(q_ptr + off, mask=msk, other=0.0).to(tl.float32) * pq[:, None]
+        pt = tl.load(p_ptr + off, mask=msk, other=0.0).to(tl.float32) * pp[:, None]
         qp += tl.sum(qt * pt, axis=1)
-    rq = tl.load(rq_ptr + rows, mask=rmask, other=0.0)
-    rp = tl.load(rp_ptr + rows, mask=rmask, other=0.0)
-    t_pos = qp * rq * rp * scale2
-    sp = tl.arange(0, BLOCK_S)
-    pm = rmask[:, None] & (sp < S)[None, :]
-    off = sp[None, :].to(tl.int64) * B + rows[:, None]
-    ms = tl.load(m_ptr + off, mask=pm, other=float("-inf"))
-    ls = tl.load(l_ptr + off, mask=pm, other=0.0)
-    mx = tl.maximum(t_pos, tl.max(ms, axis=1))
-    tot = tl.exp2(t_pos - mx) + tl.sum(tl.where(pm, ls * tl.exp2(ms - mx[:, None]), 0.0), axis=1)
-    lse2 = mx + tl.log2(tot)
+    t_pos = qp * (rq / pq) * (rp / pp) * scale2
+    m = t_pos
+    l = tl.exp2(t_pos - _finite_shift(t_pos))
+    for s0 in range(0, S, BLOCK_S):  # the split partials, merged in a fixed order
+        sp = s0 + tl.arange(0, BLOCK_S)
+        pm = rmask[:, None] & (sp < S)[None, :]
+        off = sp[None, :].to(tl.int64) * B + rows[:, None]
+        ms = tl.load(m_ptr + off, mask=pm, other=float("-inf"))
+        ls = tl.load(l_ptr + off, mask=pm, other=0.0)
+        m_new = tl.maximum(m, tl.max(ms, axis=1))
+        sh = _finite_shift(m_new)
+        l = l * tl.exp2(_finite_shift(m) - sh) + tl.sum(
+            tl.where(pm, ls * tl.exp2(_finite_shift(ms) - sh[:, None]), 0.0), axis=1)
+        m = m_new
+    lse2 = _finite_shift(m) + tl.log2(l)
     tl.store(lse_ptr + rows, lse2 * LN2, mask=rmask)
     tl.store(loss_ptr + rows, (lse2 - t_pos) * LN2, mask=rmask)
 
 
 @triton.jit
 def _dq_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K, D, chunk, scale2, scale,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """out[split, rows, dcols] = sum_j g_i P_ij n_j / ||n_j|| / tau over this split's bank rows."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+                    DOT_T: tl.constexpr, DOT_PREC: tl.constexpr, ACC_T: tl.constexpr, ACC_PREC: tl.constexpr):
+    """out[split, rows, dcols] = sum_j g_i P_ij n_j / ||n_j|| / tau over this split's bank rows;
+    dcols = all of D (``RESIDENT``) or the program's BLOCK_D slice (scores recomputed per slice)."""
     pid_d = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < B
-    rq = tl.load(rq_ptr + rows, mask=rmask, other=0.0) * scale2
-    lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    gs = tl.load(g_ptr + rows, mask=rmask, other=0.0) * scale
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rr = tl.arange(0, BLOCK_M)
+    nrows = B - row0
+    rmask = rr < nrows
+    dd = tl.arange(0, BLOCK_D)
+    rq = tl.load(rq_ptr + row0 + rr, mask=rmask, other=1.0)
+    pq = _pow2_prescale(rq)
+    rowf = rq / pq * scale2
+    lse2 = tl.load(lse_ptr + row0 + rr, mask=rmask, other=0.0) * LOG2E
+    gs = tl.load(g_ptr + row0 + rr, mask=rmask, other=0.0) * scale
+    qt = tl.zeros([BLOCK_M, BLOCK_D], dtype=DOT_T)
+    if RESIDENT:
+        qt = _load_rows(q_ptr, row0, nrows, D, dd, pq, BLOCK_M, BLOCK_D, DOT_T)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_start = pid_s * chunk
     k_end = tl.minimum(k_start + chunk, K)
     for k0 in range(k_start, k_end, BLOCK_N):
-        cols = k0 + tl.arange(0, BLOCK_N)
-        cmask = cols < k_end
-        s = _bank_scores(q_ptr, n_ptr, rows, rmask, cols, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PREC)
-        rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
-        p = tl.exp2(s * rq[:, None] * rn[None, :] - lse2[:, None])
-        w = tl.where(rmask[:, None] & cmask[None, :], p * gs[:, None] * rn[None, :], 0.0)
-        nt = tl.load(n_ptr + cols[:, None] * D + do[None, :], mask=cmask[:, None] & domask[None, :], other=0.0)
-        acc = tl.dot(w, nt.to(tl.float32), acc, input_precision=DOT_PREC)
-    tl.store(out_ptr + pid_s * B * D + rows[:, None] * D + do[None, :], acc, mask=rmask[:, None] & domask[None, :])
+        ncols = k_end - k0
+        s, nt = _bank_scores(qt, q_ptr, row0, nrows, pq, n_ptr, k0, ncols, D, DOT_T, BLOCK_M, BLOCK_N, BLOCK_D,
+                             RESIDENT, DOT_PREC)
+        kk = tl.arange(0, BLOCK_N)
+        rn = tl.load(rn_ptr + k0 + kk, mask=kk < ncols, other=0.0)
+        p = tl.exp2(s * rn[None, :] * rowf[:, None] - lse2[:, None])
+        w = tl.where((kk < ncols)[None, :], p * rn[None, :], 0.0)
+        if not RESIDENT:  # the output slice of the bank tile
+            nt = _load_cols(n_ptr, k0, ncols, D, pid_d * BLOCK_D + dd, DOT_T, BLOCK_N)
+        acc = tl.dot(w.to(ACC_T), tl.trans(nt).to(ACC_T), acc, input_precision=ACC_PREC)
+    do = pid_d * BLOCK_D + dd
+    acc = acc * gs[:, None]
+    tl.store(out_ptr + (pid_s * B + row0) * D + rr[:, None] * D + do[None, :], acc,
+             mask=rmask[:, None] & (do < D)[None, :])
 
 
 @triton.jit
 def _dq_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, coef_ptr, B, M, D, chunk,
-                      scale2, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                      scale2, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
                       WRITE_DQ: tl.constexpr, WRITE_COEF: tl.constexpr):
     """dq partials for one row (as _dq_bank_kernel); optionally coef[row, j] = g P_ij / ||q|| / tau."""
     row = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
-    rq_raw = tl.load(rq_ptr + row)
-    rq = rq_raw * scale2
-    lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+    dd = tl.arange(0, BLOCK_D)
+    rq = tl.load(rq_ptr + row)
+    pq = _pow2_prescale(rq)
+    rowf = rq / pq * scale2
+    lse2 = tl.load(lse_ptr + row) * LOG2E
     gs = tl.load(g_ptr + row) * scale
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    acc = tl.zeros([BLOCK_DO], dtype=tl.float32)
+    qv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if RESIDENT:
+        qv = tl.load(q_ptr + row * D + dd, mask=dd < D, other=0.0).to(tl.float32) * pq
+    do = pid_d * BLOCK_D + dd
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     j_start = pid_s * chunk
     j_end = tl.minimum(j_start + chunk, M)
     for j0 in range(j_start, j_end, BLOCK_N):
         js = j0 + tl.arange(0, BLOCK_N)
         jmask = js < j_end
         nid = tl.load(idx_ptr + row * M + js, mask=jmask, other=0).to(tl.int64)
-        s = _gather_scores(q_ptr, n_ptr, row, nid, jmask, D, BLOCK_N, BLOCK_D)
+        s, nt = _gather_scores(qv, q_ptr, row, pq, n_ptr, nid, jmask, D, BLOCK_N, BLOCK_D, RESIDENT)
         rn = tl.load(rn_ptr + nid, mask=jmask, other=0.0)
-        p = tl.where(jmask, tl.exp2(s * rq * rn - lse2), 0.0)
+        p = tl.where(jmask, tl.exp2(s * rn * rowf - lse2), 0.0)
         if WRITE_DQ:
-            nt = tl.load(n_ptr + nid[:, None] * D + do[None, :], mask=jmask[:, None] & domask[None, :], other=0.0)
-            acc += tl.sum((p * gs * rn)[:, None] * nt.to(tl.float32), axis=0)
+            if not RESIDENT:
+                nt = _gather_tile(n_ptr, nid, jmask, D, do)
+            acc += tl.sum((p * rn)[:, None] * nt, axis=0)
         if WRITE_COEF:
             if pid_d == 0:
-                tl.store(coef_ptr + row * M + js, p * gs * rq_raw, mask=jmask)
+                tl.store(coef_ptr + row * M + js, p * gs * rq, mask=jmask)
     if WRITE_DQ:
-        tl.store(out_ptr + pid_s * B * D + row * D + do, acc, mask=domask)
+        tl.store(out_ptr + (pid_s * B + row) * D + do, acc * gs, mask=do < D)
 
 
 @triton.jit
 def _dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K, D, scale2, scale,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """out[cols, dcols] = sum_i g_i P_ij q_i / ||q_i|| / tau: one owner per bank row block."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+                    DOT_T: tl.constexpr, DOT_PREC: tl.constexpr, ACC_T: tl.constexpr, ACC_PREC: tl.constexpr):
+    """out[cols, dcols] = sum_i g_i P_ij q_i / ||q_i|| / tau: one owner per bank row block, whose
+    (prescaled) bank tile stays resident while the query row blocks stream past (D <= BLOCK_D), or
+    D looped with the program's BLOCK_D output slice."""
     pid_d = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < K
-    rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    domask = do < D
-    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    c0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    cc = tl.arange(0, BLOCK_N)
+    ncols = K - c0
+    cmask = cc < ncols
+    dd = tl.arange(0, BLOCK_D)
+    rn = tl.load(rn_ptr + c0 + cc, mask=cmask, other=1.0)
+    pn = _pow2_prescale(rn)
+    colf = rn / pn * scale2
+    nt = tl.zeros([BLOCK_N, BLOCK_D], dtype=DOT_T)
+    if RESIDENT:
+        nt = _load_rows(n_ptr, c0, ncols, D, dd, pn, BLOCK_N, BLOCK_D, DOT_T)
+    do = pid_d * BLOCK_D + dd
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i0 in range(0, B, BLOCK_M):
-        rows = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        rmask = rows < B
-        s = _bank_scores(q_ptr, n_ptr, rows, rmask, cols, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PREC)
-        rq_raw = tl.load(rq_ptr + rows, mask=rmask, other=0.0)
-        lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-        gs = tl.load(g_ptr + rows, mask=rmask, other=0.0) * scale
-        p = tl.exp2(s * (rq_raw * scale2)[:, None] * rn[None, :] - lse2[:, None])
-        w = tl.where(rmask[:, None] & cmask[None, :], p * (gs * rq_raw)[:, None], 0.0)
-        qt = tl.load(q_ptr + rows[:, None] * D + do[None, :], mask=rmask[:, None] & domask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(w), qt.to(tl.float32), acc, input_precision=DOT_PREC)
-    tl.store(out_ptr + cols[:, None] * D + do[None, :], acc, mask=cmask[:, None] & domask[None, :])
+        nrows = B - i0
+        rr = tl.arange(0, BLOCK_M)
+        rmask = rr < nrows
+        # transposed scores (pn n) . q [BLOCK_N, BLOCK_M], the same call with the roles swapped
+        st, qt = _bank_scores(nt, n_ptr, c0, ncols, pn, q_ptr, i0, nrows, D, DOT_T, BLOCK_N, BLOCK_M, BLOCK_D,
+                              RESIDENT, DOT_PREC)
+        rq = tl.load(rq_ptr + i0 + rr, mask=rmask, other=0.0)
+        lse2 = tl.load(lse_ptr + i0 + rr, mask=rmask, other=0.0) * LOG2E
+        gs = tl.load(g_ptr + i0 + rr, mask=rmask, other=0.0) * scale
+        p = tl.exp2(st * rq[None, :] * colf[:, None] - lse2[None, :])
+        w = tl.where(cmask[:, None] & rmask[None, :], p * (gs * rq)[None, :], 0.0)
+        if not RESIDENT:
+            qt = _load_cols(q_ptr, i0, nrows, D, do, DOT_T, BLOCK_M)
+        acc = tl.dot(w.to(ACC_T), tl.trans(qt).to(ACC_T), acc, input_precision=ACC_PREC)
+    tl.store(out_ptr + c0 * D + cc[:, None] * D + do[None, :], acc, mask=cmask[:, None] & (do < D)[None, :])
 
 
 @triton.jit
 def _dn_segment_kernel(q_ptr, rows_ptr, qi_ptr, coef_ptr, bounds_ptr, out_ptr, K, D,
-                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DO: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC_PREC: tl.constexpr):
     """out[r, dcols] = sum over sorted entries e with row r of coef_e * q[qi_e]: a program owns bank
     rows [j0, j0 + BLOCK_N), whose entries are contiguous in the stable sort, visited in order."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     j0 = pid_n * BLOCK_N
     cols = j0 + tl.arange(0, BLOCK_N)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     domask = do < D
     e_start = tl.load(bounds_ptr + pid_n)
     e_end = tl.load(bounds_ptr + pid_n + 1)
-    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for e0 in range(e_start, e_end, BLOCK_E):
         es = e0 + tl.arange(0, BLOCK_E)
         emask = es < e_end
@@ -277,31 +403,88 @@ def _dn_segment_kernel(q_ptr, rows_ptr, qi_ptr, coef_ptr, bounds_ptr, out_ptr, K
         hit = (r[None, :] == cols[:, None]) & emask[None, :]
         w = tl.where(hit, c[None, :], 0.0)  # [BLOCK_N, BLOCK_E] one-hot rows scaled by coef
         qt = tl.load(q_ptr + qi[:, None] * D + do[None, :], mask=emask[:, None] & domask[None, :], other=0.0)
-        acc = tl.dot(w, qt.to(tl.float32), acc, input_precision=DOT_PREC)
+        acc = tl.dot(w, qt.to(tl.float32), acc, input_precision=ACC_PREC)
     tl.store(out_ptr + cols[:, None] * D + do[None, :], acc, mask=(cols < K)[:, None] & domask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _bank_blocks(B: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D) of the shared-bank tiles."""
+class Tile(NamedTuple):
+    """One launch configuration: tile sizes, warps and software-pipelining stages."""
+
+    block_m: int  # query rows per tile (bank kernels), gathered rows per tile (gather kernels: block_n)
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# GPU tiles per (kernel, dtype group, BLOCK_D); first pass from the sm_90 compile report
+# (benchmarks/kernel_report.py): no spills, and <= 128 registers a thread where the tile allows two
+# programs per SM. "half" = fp16/bf16 tiles, "f32" = fp32 (ieee or tf32).
+_GPU_TILES: dict[tuple[str, str], dict[int, Tile]] = {
+    ("fwd", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 8, 2),
+                      128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
+    ("fwd", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
+    ("dq", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 8, 2),
+                     128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
+    ("dq", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+                    128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
+    ("dn", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(32, 64, 64, 8, 2),
+                     128: Tile(32, 64, 128, 8, 2), 256: Tile(32, 64, 256, 8, 2)},
+    ("dn", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+                    128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
+    ("gather", "any"): {16: Tile(1, 64, 16, 4, 2), 32: Tile(1, 64, 32, 4, 2), 64: Tile(1, 64, 64, 4, 2),
+                        128: Tile(1, 32, 128, 4, 2), 256: Tile(1, 16, 256, 4, 2)},
+}
+LOOPED_BLOCK_D = 128  # D > MAX_RESIDENT_D: D is looped in chunks of this width (and dq/dn output slices)
+
+
+def block_d_for(D: int) -> int:
+    """BLOCK_D for width D: D (as a power of two >= 16) up to MAX_RESIDENT_D, else the looped chunk."""
+    return pow2(D, 16) if D <= MAX_RESIDENT_D else LOOPED_BLOCK_D
+
+
+def gpu_tile(kind: str, dtype: torch.dtype, D: int) -> Tile:
+    """The GPU launch configuration of ``kind`` ("fwd", "dq", "dn", "gather") for ``dtype`` and D."""
+    group = "any" if kind == "gather" else ("f32" if dtype == torch.float32 else "half")
+    bd = block_d_for(D)
+    return _GPU_TILES[(kind, group)][min(bd, MAX_RESIDENT_D)]._replace(block_d=bd)
+
+
+def _tile(kind: str, dtype: torch.dtype, B: int, D: int) -> Tile:
     if interpreting():  # few, big programs: the interpreter pays per program and per loop trip
-        return pow2(B, 16, 64), 512, pow2(D, 16, 256)
-    return pow2(B, 16, 64), 64, pow2(D, 16, 64)
+        if kind == "gather":
+            return Tile(1, 1024, pow2(D, 16, MAX_RESIDENT_D), 1, 1)
+        return Tile(pow2(B, 16, 64), 512, pow2(D, 16, MAX_RESIDENT_D), 1, 1)
+    return gpu_tile(kind, dtype, D)
 
 
-def _gather_blocks(M: int, D: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D) of the gathered tiles."""
+def _launch(t: Tile) -> dict:
+    return dict(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def dot_types(dtype: torch.dtype) -> dict:
+    """Constexprs of the bank kernels for input ``dtype``: the score dot's operand type and precision,
+    and the accumulation dot's (P @ bank or P^T @ q). fp16 accumulation dots run in fp32 tiles with
+    TF32 on a GPU (tensor cores; P / ||n|| can exceed fp16's range, not fp32's); bf16 stays bf16."""
+    f32 = tl.float32
+    if dtype == torch.float32 or upcast_dot(dtype):
+        prec = dot_precision(torch.float32)
+        return dict(DOT_T=f32, DOT_PREC=prec, ACC_T=f32, ACC_PREC=prec)
+    native = tl.float16 if dtype == torch.float16 else tl.bfloat16
+    if dtype == torch.float16:
+        return dict(DOT_T=native, DOT_PREC="ieee", ACC_T=f32, ACC_PREC="ieee" if interpreting() else "tf32")
+    return dict(DOT_T=native, DOT_PREC="ieee", ACC_T=native, ACC_PREC="ieee")
+
+
+def combine_tile(B: int, D: int, S: int) -> Tile:
+    """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step)."""
     if interpreting():
-        return pow2(M, 16, 1024), pow2(D, 16, 256)
-    return pow2(M, 16, 64), pow2(D, 16, 128)
-
-
-def _out_block(D: int) -> int:
-    """Output columns per backward program: all of D up to 256 (beyond it the scores are recomputed
-    once per 256-column slice)."""
-    return pow2(D, 16, 256)
+        return Tile(pow2(B, 1, 64), pow2(S, 2, 64), pow2(D, 16, MAX_RESIDENT_D), 1, 1)
+    return Tile(32, 16, 64, 4, 2)
 
 
 def _splits(row_programs: int, total: int, block: int, device: torch.device) -> tuple[int, int]:
@@ -323,35 +506,57 @@ def _norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
 
 
-def _forward(q, p, n, idx, scale, normalize):
+def _finite_shift_t(m: torch.Tensor) -> torch.Tensor:
+    """Host twin of the kernels' _finite_shift (the exponent the partial sums are relative to)."""
+    return torch.where(m.isinf(), torch.zeros_like(m), m)
+
+
+def _forward(q, p, n, idx, scale, normalize, compute_dq):
+    """-> loss [B], lse [B] (fp32), and with ``compute_dq`` dq_neg = sum_j P_ij n^_j / tau [B, D] fp32
+    (the bank's part of d loss_i / d q^_i before the row weight), else an empty tensor."""
     B, D = q.shape
     rq, rp, rn = _norms(q, normalize), _norms(p, normalize), _norms(n, normalize)
-    scale2 = scale * LOG2E
+    scale2 = scale * LOG2E_F
+    resident = D <= MAX_RESIDENT_D
+    with_dq = compute_dq and resident  # wider rows: dq by the backward kernel, still in forward
     if idx is None:
         K = n.shape[0]
-        bm, bn, bd = _bank_blocks(B, D)
-        S, chunk = _splits(cdiv(B, bm), K, bn, q.device)
-        m_part = torch.empty((S, B), dtype=torch.float32, device=q.device)
-        l_part = torch.empty_like(m_part)
-        _fwd_bank_kernel[(cdiv(B, bm), S)](
-            q, n, rq, rn, m_part, l_part, B, K, D, chunk, scale2,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast_dot(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        t = _tile("fwd", q.dtype, B, D)
+        S, chunk = _splits(cdiv(B, t.block_m), K, t.block_n, q.device)
+        grid = (cdiv(B, t.block_m), S)
+    else:
+        K = idx.shape[1]
+        t = _tile("gather", q.dtype, B, D)
+        S, chunk = _splits(B, K, t.block_n, q.device)
+        grid = (B, S)
+    m_part = torch.empty((S, B), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    acc = torch.empty((S, B, D) if with_dq else (1,), dtype=torch.float32, device=q.device)
+    if idx is None:
+        _fwd_bank_kernel[grid](
+            q, n, rq, rn, m_part, l_part, acc, B, K, D, chunk, scale2,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident, WITH_DQ=with_dq,
+            **dot_types(q.dtype), **_launch(t),
         )
     else:
-        M = idx.shape[1]
-        bn, bd = _gather_blocks(M, D)
-        S, chunk = _splits(B, M, bn, q.device)
-        m_part = torch.empty((S, B), dtype=torch.float32, device=q.device)
-        l_part = torch.empty_like(m_part)
-        _fwd_gather_kernel[(B, S)](q, n, idx, rq, rn, m_part, l_part, B, M, D, chunk, scale2, BLOCK_N=bn, BLOCK_D=bd)
+        _fwd_gather_kernel[grid](
+            q, n, idx, rq, rn, m_part, l_part, acc, B, K, D, chunk, scale2,
+            BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident, WITH_DQ=with_dq, **_launch(t),
+        )
     loss = torch.empty(B, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(loss)
-    bm = pow2(B, 1, 64)
-    _combine_kernel[(cdiv(B, bm),)](
+    c = combine_tile(B, D, S)
+    _combine_kernel[(cdiv(B, c.block_m),)](
         q, p, rq, rp, m_part, l_part, loss, lse, B, D, S, scale2,
-        BLOCK_M=bm, BLOCK_D=pow2(D, 16, 256), BLOCK_S=pow2(S, 2),
+        BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_S=c.block_n, **_launch(c),
     )
-    return loss, lse
+    dq_neg = torch.empty(0, dtype=torch.float32, device=q.device)
+    if with_dq:  # partials relative to 2^shift(m_s): merge in a fixed order, normalised by the LSE
+        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :] * LOG2E_F)
+        dq_neg = (w[:, :, None] * acc).sum(0) * scale
+    elif compute_dq:
+        dq_neg, _ = _dq_neg(q, n, idx, rq, rn, lse, torch.ones_like(lse), scale, want_coef=False)
+    return loss, lse, dq_neg
 
 
 def _contig(*ts):
@@ -360,44 +565,50 @@ def _contig(*ts):
 
 @torch.library.custom_op(f"{LIB}::info_nce_fwd", mutates_args=())
 def _info_nce_fwd(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                  neg_index: Optional[torch.Tensor], scale: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  neg_index: Optional[torch.Tensor], scale: float, normalize: bool,
+                  compute_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, p, n, idx = _contig(query, positive, negatives, neg_index)
-    return _forward(q, p, n, idx, scale, normalize)
+    return _forward(q, p, n, idx, scale, normalize, compute_dq)
 
 
 @_info_nce_fwd.register_fake
-def _(query, positive, negatives, neg_index, scale, normalize):
+def _(query, positive, negatives, neg_index, scale, normalize, compute_dq):
     B = query.shape[0]
-    return query.new_empty(B, dtype=torch.float32), query.new_empty(B, dtype=torch.float32)
+    dq_shape = tuple(query.shape) if compute_dq else (0,)
+    return (query.new_empty(B, dtype=torch.float32), query.new_empty(B, dtype=torch.float32),
+            query.new_empty(dq_shape, dtype=torch.float32))
 
 
 def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = True):
     """sum_j g_i P_ij n^_j / tau [B, D] fp32 (None if not ``want_dq``), and the gather-mode coef."""
     B, D = q.shape
-    bdo = _out_block(D)
-    scale2 = scale * LOG2E
+    scale2 = scale * LOG2E_F
+    resident = D <= MAX_RESIDENT_D
     coef = None
     if idx is None:
         K = n.shape[0]
-        bm, bn, bd = _bank_blocks(B, D)
-        S, chunk = _splits(cdiv(B, bm) * cdiv(D, bdo), K, bn, q.device)
+        t = _tile("dq", q.dtype, B, D)
+        nd = cdiv(D, t.block_d)
+        S, chunk = _splits(cdiv(B, t.block_m) * nd, K, t.block_n, q.device)
         part = torch.empty((S, B, D), dtype=torch.float32, device=q.device)
-        _dq_bank_kernel[(cdiv(B, bm), cdiv(D, bdo), S)](
+        _dq_bank_kernel[(cdiv(B, t.block_m), nd, S)](
             q, n, rq, rn, lse, g, part, B, K, D, chunk, scale2, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo,
-            UPCAST=upcast_dot(q.dtype), DOT_PREC=dot_precision(q.dtype),
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident,
+            **dot_types(q.dtype), **_launch(t),
         )
     else:
         M = idx.shape[1]
-        bn, bd = _gather_blocks(M, D)
-        S, chunk = _splits(B * cdiv(D, bdo), M, bn, q.device)
+        t = _tile("gather", q.dtype, B, D)
+        nd = cdiv(D, t.block_d)
+        S, chunk = _splits(B * nd, M, t.block_n, q.device)
         if want_coef:
-            S, chunk = 1, cdiv(M, bn) * bn  # coef written once per (row, slot): keep one chunk per row
+            S, chunk = 1, cdiv(M, t.block_n) * t.block_n  # coef written once per (row, slot): one chunk a row
         part = torch.empty((S, B, D) if want_dq else (1,), dtype=torch.float32, device=q.device)
         coef = torch.empty((B, M), dtype=torch.float32, device=q.device) if want_coef else part
-        _dq_gather_kernel[(B, cdiv(D, bdo) if want_dq else 1, S)](
+        _dq_gather_kernel[(B, nd if want_dq else 1, S)](
             q, n, idx, rq, rn, lse, g, part, coef, B, M, D, chunk, scale2, scale,
-            BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, WRITE_DQ=want_dq, WRITE_COEF=want_coef,
+            BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident, WRITE_DQ=want_dq, WRITE_COEF=want_coef,
+            **_launch(t),
         )
         if not want_coef:
             coef = None
@@ -408,9 +619,11 @@ def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = T
 
 
 @torch.library.custom_op(f"{LIB}::info_nce_bwd_qp", mutates_args=())
-def _info_nce_bwd_qp(grad: torch.Tensor, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                     neg_index: Optional[torch.Tensor], loss: torch.Tensor, lse: torch.Tensor, scale: float,
-                     normalize: bool, need_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _info_nce_bwd_qp(grad: torch.Tensor, query: torch.Tensor, positive: torch.Tensor,
+                     negatives: Optional[torch.Tensor], neg_index: Optional[torch.Tensor], loss: torch.Tensor,
+                     lse: torch.Tensor, dq_neg: Optional[torch.Tensor], scale: float, normalize: bool,
+                     need_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dq, dp. ``dq_neg`` (from forward, the bank then is not needed and may be None) or recomputed."""
     q, p, n, idx, g, lse = _contig(query, positive, negatives, neg_index, grad.to(torch.float32), lse)
     rq, rp = _norms(q, normalize), _norms(p, normalize)
     # positive column: dl/ds_pos = P_pos - 1 with P_pos = exp(s_pos - lse) = exp(-loss)
@@ -420,15 +633,18 @@ def _info_nce_bwd_qp(grad: torch.Tensor, query: torch.Tensor, positive: torch.Te
     dp = normalize_backward(p, dph) if normalize else dph.to(p.dtype)
     if not need_q:
         return torch.zeros_like(q), dp
-    rn = _norms(n, normalize)
-    dqh, _ = _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef=False)
+    if dq_neg is not None:
+        dqh = g[:, None] * dq_neg
+    else:
+        rn = _norms(n, normalize)
+        dqh, _ = _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef=False)
     dqh = dqh + cpos * ph
     dq = normalize_backward(q, dqh) if normalize else dqh.to(q.dtype)
     return dq, dp
 
 
 @_info_nce_bwd_qp.register_fake
-def _(grad, query, positive, negatives, neg_index, loss, lse, scale, normalize, need_q):
+def _(grad, query, positive, negatives, neg_index, loss, lse, dq_neg, scale, normalize, need_q):
     return (torch.empty_like(query, memory_format=torch.contiguous_format),
             torch.empty_like(positive, memory_format=torch.contiguous_format))
 
@@ -441,15 +657,15 @@ def _info_nce_bwd_n(grad: torch.Tensor, query: torch.Tensor, negatives: torch.Te
     B, D = q.shape
     K = n.shape[0]
     rq, rn = _norms(q, normalize), _norms(n, normalize)
-    bdo = _out_block(D)
     dnh = torch.empty((K, D), dtype=torch.float32, device=q.device)
     if idx is None:
-        bm, bn, bd = _bank_blocks(B, D)
-        bn = min(bn, 128) if not interpreting() else bn
-        _dn_bank_kernel[(cdiv(K, bn), cdiv(D, bdo))](
-            q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo,
-            UPCAST=upcast_dot(q.dtype), DOT_PREC=dot_precision(q.dtype),
+        t = _tile("dn", q.dtype, B, D)
+        if interpreting():
+            t = t._replace(block_n=min(t.block_n, 128))
+        _dn_bank_kernel[(cdiv(K, t.block_n), cdiv(D, t.block_d))](
+            q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E_F, scale,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=D <= MAX_RESIDENT_D,
+            **dot_types(q.dtype), **_launch(t),
         )
     else:
         M = idx.shape[1]
@@ -458,16 +674,24 @@ def _info_nce_bwd_n(grad: torch.Tensor, query: torch.Tensor, negatives: torch.Te
         srows, order = torch.sort(flat, stable=True)  # deterministic order of the contributions
         qi = order // M
         scoef = coef.reshape(-1)[order]
-        bn = 64 if interpreting() else 32
-        nblk = cdiv(K, bn)
-        edges = torch.arange(0, nblk + 1, device=q.device, dtype=torch.int64) * bn
+        t = segment_tile(D)
+        nblk = cdiv(K, t.block_n)
+        edges = torch.arange(0, nblk + 1, device=q.device, dtype=torch.int64) * t.block_n
         bounds = torch.searchsorted(srows, edges)
-        be = 256 if interpreting() else 32
-        _dn_segment_kernel[(nblk, cdiv(D, bdo))](
+        _dn_segment_kernel[(nblk, cdiv(D, t.block_d))](
             q, srows, qi, scoef, bounds, dnh, K, D,
-            BLOCK_N=bn, BLOCK_E=be, BLOCK_DO=bdo, DOT_PREC=dot_precision(q.dtype),
+            BLOCK_N=t.block_n, BLOCK_E=t.block_m, BLOCK_D=t.block_d, ACC_PREC=dot_types(q.dtype)["ACC_PREC"]
+            if q.dtype != torch.bfloat16 else dot_precision(torch.float32), **_launch(t),
         )
     return normalize_backward(n, dnh) if normalize else dnh.to(n.dtype)
+
+
+def segment_tile(D: int) -> Tile:
+    """Launch of _dn_segment_kernel (block_m = BLOCK_E, entries per step; block_d = output slice)."""
+    if interpreting():
+        return Tile(256, 64, pow2(D, 16, MAX_RESIDENT_D), 1, 1)
+    bd = pow2(D, 16, 128)
+    return Tile(32, 32, bd, 4, 2)
 
 
 @_info_nce_bwd_n.register_fake
@@ -476,23 +700,28 @@ def _(grad, query, negatives, neg_index, lse, scale, normalize):
 
 
 def _setup_context(ctx, inputs, output):
-    query, positive, negatives, neg_index, scale, normalize = inputs
-    loss, lse = output
-    ctx.save_for_backward(query, positive, negatives, neg_index, loss, lse)
+    query, positive, negatives, neg_index, scale, normalize, _compute_dq = inputs
+    loss, lse, dq_neg = output
+    have_dq = dq_neg.numel() > 0
+    # with dq from forward a bank without grad is not saved: no reference kept, in-place bank
+    # updates after forward stay safe
+    keep_bank = negatives.requires_grad or not have_dq
+    ctx.save_for_backward(query, positive, negatives if keep_bank else None, neg_index, loss, lse,
+                          dq_neg if have_dq else None)
     ctx.scale, ctx.normalize = scale, normalize
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    # lse is an internal output (the public function returns only the loss): its grad is ignored
-    query, positive, negatives, neg_index, loss, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_lse, _grad_dq):
+    # lse and dq_neg are internal outputs (the public function returns only the loss): grads ignored
+    query, positive, negatives, neg_index, loss, lse, dq_neg = ctx.saved_tensors
     need_q, need_p, need_n = ctx.needs_input_grad[:3]
     dq = dp = dn = None
     if need_q or need_p:
         dq, dp = torch.ops.gacd_triton.info_nce_bwd_qp(
-            grad_loss, query, positive, negatives, neg_index, loss, lse, ctx.scale, ctx.normalize, need_q)
+            grad_loss, query, positive, negatives, neg_index, loss, lse, dq_neg, ctx.scale, ctx.normalize, need_q)
     if need_n:
         dn = torch.ops.gacd_triton.info_nce_bwd_n(grad_loss, query, negatives, neg_index, lse, ctx.scale, ctx.normalize)
-    return (dq if need_q else None), (dp if need_p else None), dn, None, None, None
+    return (dq if need_q else None), (dp if need_p else None), dn, None, None, None, None
 
 
 _info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -504,6 +733,10 @@ def info_nce_rows(query: torch.Tensor, positive: torch.Tensor, negatives: torch.
 
     query, positive [B, D] and negatives [K, D] in one of fp16/bf16/fp32; neg_index None (every row
     against the whole bank) or int32/int64 [B, M]. Differentiable w.r.t. query, positive, negatives.
+    When the bank needs no gradient and the query does (the memory-bank case), forward also computes
+    the bank's part of dq and backward only scales it: the bank is read once and not saved.
     """
-    loss, _ = torch.ops.gacd_triton.info_nce_fwd(query, positive, negatives, neg_index, 1.0 / temperature, normalize)
+    compute_dq = torch.is_grad_enabled() and query.requires_grad and not negatives.requires_grad
+    loss, _, _ = torch.ops.gacd_triton.info_nce_fwd(query, positive, negatives, neg_index, 1.0 / temperature,
+                                                    normalize, compute_dq)
     return loss

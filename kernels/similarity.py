@@ -1,6 +1,8 @@
 """Row L2-normalisation and row-wise cosine similarity, forward and backward, as torch.library ops.
 
-``F.normalize`` semantics: y = x / max(||x||, 1e-12) with the norm in fp32; backward
+``F.normalize`` semantics: y = x / max(||x||, 1e-12) with the norm in fp32, computed as
+max|x| * sqrt(sum (x / max|x|)^2) so that finite rows of any magnitude (norms up to ~1e38) give
+finite results; backward
 dx = (dy - y (y.dy)) / ||x|| where ||x|| > eps, dy / eps elsewhere (the clamp has no gradient).
 Each program owns BLOCK_R rows and loops over D in BLOCK_D chunks (two passes: norm, then write),
 so any D works. ``row_inv_norms`` is also used by the InfoNCE kernels (inverse norms computed
@@ -15,13 +17,31 @@ import triton.language as tl
 
 from ._common import LIB, cdiv, interpreting, pow2
 
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize eps (a constexpr global: kernels read it)
 
 
 @triton.jit
-def _sumsq_dot(x_ptr, y_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_Y: tl.constexpr):
-    """Per row: sum x^2, sum y^2, sum x*y over D (fp32); rows are int64 [BLOCK_R]."""
+def _rescale(scale, x):
+    """New running scale max(scale, max|x| per row) and the factor old/new for the sums so far."""
+    new = tl.maximum(scale, tl.max(tl.abs(x), axis=1))
+    return new, scale / tl.where(new > 0, new, 1.0)
+
+
+@triton.jit
+def _unit(x, scale):
+    """x / scale per row (0 where the scale is 0): entries in [-1, 1], squares cannot overflow."""
+    return x / tl.where(scale > 0, scale, 1.0)[:, None]
+
+
+@triton.jit
+def _scaled_sums(x_ptr, y_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_Y: tl.constexpr):
+    """Per row, over D in one pass (fp32): sx = max|x|, ssx = sum (x/sx)^2, and with ``WITH_Y``
+    sy, ssy likewise and xy = sum (x/sx)(y/sy). Sums are rescaled whenever a chunk raises the max,
+    so ||x|| = sx sqrt(ssx) and x.y = sx sy xy never overflow for finite rows (the F.normalize
+    policy for rows of any magnitude). rows are int64 [BLOCK_R]."""
+    sx = tl.zeros([BLOCK_R], dtype=tl.float32)
     ssx = tl.zeros([BLOCK_R], dtype=tl.float32)
+    sy = tl.zeros([BLOCK_R], dtype=tl.float32)
     ssy = tl.zeros([BLOCK_R], dtype=tl.float32)
     xy = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -29,28 +49,34 @@ def _sumsq_dot(x_ptr, y_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.
         m = rmask[:, None] & (cols < D)[None, :]
         off = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        ssx += tl.sum(x * x, axis=1)
+        sx, fx = _rescale(sx, x)
+        ux = _unit(x, sx)
+        ssx = ssx * fx * fx + tl.sum(ux * ux, axis=1)
         if WITH_Y:
             y = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
-            ssy += tl.sum(y * y, axis=1)
-            xy += tl.sum(x * y, axis=1)
-    return ssx, ssy, xy
+            sy, fy = _rescale(sy, y)
+            uy = _unit(y, sy)
+            ssy = ssy * fy * fy + tl.sum(uy * uy, axis=1)
+            xy = xy * fx * fy + tl.sum(ux * uy, axis=1)
+    return sx, ssx, sy, ssy, xy
 
 
 @triton.jit
 def _inv_norm_kernel(x_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    ss, _, _ = _sumsq_dot(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(ss), 1e-12), mask=rmask)
+    sx, ssx, _, _, _ = _scaled_sums(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
+    # IEEE division: 1/||x|| of a norm near 1e38 is subnormal, an approximate reciprocal flushes it
+    tl.store(out_ptr + rows, tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(sx * tl.sqrt(ssx), NORM_EPS)),
+             mask=rmask)
 
 
 @triton.jit
 def _normalize_fwd_kernel(x_ptr, y_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    ss, _, _ = _sumsq_dot(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
-    den = tl.maximum(tl.sqrt(ss), 1e-12)
+    sx, ssx, _, _, _ = _scaled_sums(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
+    den = tl.maximum(sx * tl.sqrt(ssx), NORM_EPS)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols < D)[None, :]
@@ -64,27 +90,38 @@ def _normalize_fwd_kernel(x_ptr, y_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl
 def _normalize_bwd_kernel(x_ptr, dy_ptr, dx_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    ss, _, xdy = _sumsq_dot(x_ptr, dy_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
-    nrm = tl.sqrt(ss)
-    den = tl.maximum(nrm, 1e-12)
-    # y.dy / den with y = x/den, zero where the clamp is active (no gradient through max(., eps))
-    coef = tl.where(nrm > 1e-12, xdy / (den * den * den), 0.0)
+    sx, ssx, sdy, _, xdy = _scaled_sums(x_ptr, dy_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
+    nrm = sx * tl.sqrt(ssx)
+    den = tl.maximum(nrm, NORM_EPS)
+    # y.dy with y = x/den, formed from the scaled sums (no den^3); 0 where the clamp is active
+    ydy = tl.where(nrm > NORM_EPS, (sx / den) * sdy * xdy, 0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols < D)[None, :]
         off = rows[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + off, mask=m, other=0.0)
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        dx = dy / den[:, None] - x.to(tl.float32) * coef[:, None]
+        dx = (dy - (x / den[:, None]) * ydy[:, None]) / den[:, None]
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(cos, ||a|| clamped, ||b|| clamped, ||a|| > eps, ||b|| > eps) per row, overflow-safe."""
+    sa, ssa, sb, ssb, ab = _scaled_sums(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
+    na = sa * tl.sqrt(ssa)
+    nb = sb * tl.sqrt(ssb)
+    da = tl.maximum(na, NORM_EPS)
+    db = tl.maximum(nb, NORM_EPS)
+    cos = ab * (sa / da) * (sb / db)
+    return cos, da, db, na > NORM_EPS, nb > NORM_EPS
 
 
 @triton.jit
 def _cosine_fwd_kernel(a_ptr, b_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    ssa, ssb, ab = _sumsq_dot(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
-    cos = ab / (tl.maximum(tl.sqrt(ssa), 1e-12) * tl.maximum(tl.sqrt(ssb), 1e-12))
+    cos, _, _, _, _ = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
     tl.store(out_ptr + rows, cos, mask=rmask)
 
 
@@ -93,15 +130,10 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
     """da = g (b^ - a^ cos [||a|| > eps]) / max(||a||, eps), and symmetrically db."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    ssa, ssb, ab = _sumsq_dot(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
-    na = tl.sqrt(ssa)
-    nb = tl.sqrt(ssb)
-    da_ = tl.maximum(na, 1e-12)
-    db_ = tl.maximum(nb, 1e-12)
+    cos, da_, db_, a_big, b_big = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    cos = ab / (da_ * db_)
-    ca = tl.where(na > 1e-12, cos, 0.0)
-    cb = tl.where(nb > 1e-12, cos, 0.0)
+    ca = tl.where(a_big, cos, 0.0)
+    cb = tl.where(b_big, cos, 0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols < D)[None, :]
@@ -116,17 +148,28 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
         tl.store(db_ptr + off, gdb.to(b.dtype), mask=m)
 
 
+ROW_TILE = 4096  # elements of the [BLOCK_R, BLOCK_D] tile on a GPU: 32 fp32 registers a thread at 4 warps
+ROW_WARPS, ROW_STAGES = 4, 2
+
+
+def row_block_d(d: int) -> int:
+    """BLOCK_D on a GPU: one of 64..512 (longer rows loop), so the report can list every variant."""
+    return pow2(d, 64, 512)
+
+
 def _blocks(n_rows: int, d: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D): whole small rows per program; the interpreter gets few, big programs."""
-    block_d = pow2(d, 16, 1024)
     if interpreting():
+        block_d = pow2(d, 16, 1024)
         return pow2(n_rows, 1, max(1, (1 << 16) // block_d)), block_d
-    return pow2(n_rows, 1, max(1, 4096 // block_d)), block_d
+    block_d = row_block_d(d)
+    return ROW_TILE // block_d, block_d
 
 
 def _launch_rows(kernel, n_rows: int, d: int, *args) -> None:
     block_r, block_d = _blocks(n_rows, d)
-    kernel[(cdiv(n_rows, block_r),)](*args, n_rows, d, BLOCK_R=block_r, BLOCK_D=block_d)
+    kernel[(cdiv(n_rows, block_r),)](*args, n_rows, d, BLOCK_R=block_r, BLOCK_D=block_d,
+                                     num_warps=ROW_WARPS, num_stages=ROW_STAGES)
 
 
 def row_inv_norms(x: torch.Tensor) -> torch.Tensor:

@@ -151,8 +151,52 @@ def test_opcheck(device, M):
     q, p, n, idx = _inputs(3, 10, 7, M, torch.float32, device)
     ops = torch.ops.gacd_triton
     args = (q.clone().requires_grad_(), p.clone().requires_grad_(), n.clone().requires_grad_(), idx, 1 / 0.07, True)
-    torch.library.opcheck(ops.info_nce_fwd.default, args)
-    loss, lse = ops.info_nce_fwd(q, p, n, idx, 1 / 0.07, True)
+    for compute_dq in (False, True):
+        torch.library.opcheck(ops.info_nce_fwd.default, args + (compute_dq,))
+    loss, lse, dq_neg = ops.info_nce_fwd(q, p, n, idx, 1 / 0.07, True, True)
     g = torch.rand(3, device=device)
-    torch.library.opcheck(ops.info_nce_bwd_qp.default, (g, q, p, n, idx, loss, lse, 1 / 0.07, True, True))
+    torch.library.opcheck(ops.info_nce_bwd_qp.default, (g, q, p, n, idx, loss, lse, None, 1 / 0.07, True, True))
+    torch.library.opcheck(ops.info_nce_bwd_qp.default, (g, q, p, None, idx, loss, lse, dq_neg, 1 / 0.07, True, True))
     torch.library.opcheck(ops.info_nce_bwd_n.default, (g, q, n, idx, lse, 1 / 0.07, True))
+
+
+@pytest.mark.parametrize("M", [None, 5])
+@pytest.mark.parametrize("D", [24, 300])
+def test_dq_in_forward_matches_deferred(device, M, D):
+    """A frozen bank: dq comes from forward (D <= 256 in the forward kernel, wider by the dq kernel
+    at forward time); the bank is not saved; values equal the deferred path's to rounding."""
+    KN.config.num_splits = 2
+    q, p, n, idx = _inputs(6, 70, D, M, torch.float32, device)
+    _check(q, p, n, idx, torch.float32, need=(True, True, False), reduction="none")
+    qt = q.clone().requires_grad_()
+    loss, lse, dq_neg = torch.ops.gacd_triton.info_nce_fwd(qt, p, n, idx, 1 / 0.07, True, True)
+    want, _ = KN._dq_neg(q, n, idx, KN._norms(q, True), KN._norms(n, True), lse, torch.ones_like(lse), 1 / 0.07,
+                         want_coef=False)
+    assert_close(dq_neg, want, torch.float32, "dq_neg")
+
+
+@pytest.mark.parametrize("M", [None, 6])
+def test_huge_norm_rows(device, M):
+    """normalize=True with float32 rows of norm ~1e19..1e38: finite and equal to the float64 value."""
+    q, p, n, idx = _inputs(5, 40, 24, M, torch.float32, device)
+    mags = torch.tensor([1e19, 1e25, 1e30, 1e37, 1.0], device=device)
+    q, p = q / q.norm(dim=1, keepdim=True) * mags[:, None], p * 1e20
+    n = n / n.norm(dim=1, keepdim=True) * torch.logspace(0, 38, 40, device=device)[:, None]
+    out, _ = _check(q, p, n, idx, torch.float32, reduction="none", need=(True, True, True))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("M", [None, 6])
+def test_infinite_logits(device, M):
+    """normalize=False: a +inf logit gives a +inf row (torch.logsumexp semantics), NaN gives NaN."""
+    q, p, n, idx = _inputs(4, 30, 8, M, torch.float32, device)
+    q[0, 0] = float("inf")  # +-inf logits in row 0 (and s_pos = +-inf): whatever torch gives
+    n[3] = 0.0
+    n[3, 1] = float("inf")  # +inf logit in every row that sees bank row 3 where q[:, 1] > 0
+    q[:, 1] = q[:, 1].abs()
+    q[2, 2] = float("nan")
+    idx = None if idx is None else torch.cat([idx, torch.full((4, 1), 3, dtype=idx.dtype)], 1)
+    got = gacd_fast.info_nce(q, p, n, neg_index=idx, normalize=False, reduction="none", backend="triton")
+    want = R.info_nce_rows(q.double(), p.double(), n.double(), idx, 0.07, False)
+    assert_close(got, want, torch.float32, "loss")
+    assert torch.isposinf(got[1]) and torch.isnan(got[2])
