@@ -52,7 +52,7 @@ def setup(provider: str, batch: int, k: int, steps: int, teacher_name: str, devi
             opt.step()
         return step
 
-    memory = crit.memory_t.rows  # plain: the same bank, updated in place as CRD does
+    memory = crit.bank_t.rows  # plain: the same bank, updated in place as CRD does
 
     def plain_step():
         x_adv = plain_pgd(LogitsOnly(student), x, y, steps)
