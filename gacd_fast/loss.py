@@ -14,8 +14,8 @@ from ._checks import (
     check_index_range,
     check_int,
     check_option,
-    check_real,
     check_same_device,
+    check_temperature,
     check_tensor,
 )
 from .memory import BatchNegatives, FeatureQueue, MemoryBank, NegativeBank
@@ -104,7 +104,7 @@ class GACDLoss(nn.Module):
         check_int("teacher_dim", teacher_dim, minimum=1)
         check_int("embed_dim", embed_dim, minimum=1)
         self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
-        self.temperature = check_real("temperature", temperature, positive=True)
+        self.temperature = check_temperature(temperature)
         self.bank_kind = check_option("bank", bank, BANKS)
         self.teacher_head = check_option("teacher_head", teacher_head, TEACHER_HEADS)
         self.weighting = check_option("weighting", weighting, WEIGHTINGS)

@@ -136,6 +136,7 @@ def test_feature_queue_enqueue_is_checked(values, exc):
     (dict(backend="bogus"), ValueError, "bogus"),
     (dict(backend=3), TypeError, "backend"),
     (dict(teacher_head="ema"), ValueError, "teacher_head"),
+    (dict(temperature=1e-300), ValueError, "temperature"),
 ])
 def test_constructor_rejects_bad_options(kwargs, exc, match):
     """issue 11 row 14: bad options fail in the constructor, not at the first forward."""

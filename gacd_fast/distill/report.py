@@ -5,11 +5,14 @@ results.json::
 
     {"dataset": str, "eps": float, "device": str, "config": {...}, "versions": {...},
      "methods": {name: {"clean", "fgsm", "pgd20", "cw", "cka", "seconds",
-                        "transfer_clean", "transfer_pgd20"}}}
+                        "probe_clean", "probe_pgd20", "transfer_clean", "transfer_pgd20",
+                        "autoattack", "autoattack_n"}}}
 
 Accuracies are fractions in [0, 1]; "cka" is the linear CKA of the model's penultimate test
 features to the teacher's (null without a teacher); "seconds" the model's training wall time
-(null when its checkpoint does not say); the transfer keys only when a transfer probe ran.
+(null when its checkpoint does not say); the probe keys (a linear probe on the frozen features,
+same task) unless evaluate ran with --no-feature-probe; the transfer keys only when a transfer
+probe ran; the autoattack keys (accuracy, images used) only with --autoattack N.
 """
 from __future__ import annotations
 

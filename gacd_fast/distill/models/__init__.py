@@ -8,12 +8,20 @@ from torch import nn
 
 from .mobilenetv2 import MobileNetV2, mobilenetv2
 from .resnet import ResNet18, preact_resnet18, resnet18
-from .small_cnn import SmallCNN, small_cnn_student, small_cnn_teacher
+from .small_cnn import (
+    SmallCNN,
+    small_cnn_student,
+    small_cnn_student_stride2,
+    small_cnn_teacher,
+    small_cnn_teacher_stride2,
+)
 from .wide_resnet import WideResNet, wrn_34_10
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn_teacher": small_cnn_teacher,
     "small_cnn_student": small_cnn_student,
+    "small_cnn_teacher_stride2": small_cnn_teacher_stride2,
+    "small_cnn_student_stride2": small_cnn_student_stride2,
     "resnet18": resnet18,
     "preact_resnet18": preact_resnet18,
     "wrn_34_10": wrn_34_10,

@@ -1,0 +1,82 @@
+"""gacd-fast study: mean +- std over seeds, its files, and the demo's seed-noise statement."""
+import json
+import math
+import os
+
+import pytest
+
+from gacd_fast.cli import main
+from gacd_fast.distill.pipeline import gacd_chance, student_runs
+from gacd_fast.distill.study import format_summary, noise_report, summarize, write_study
+
+ROWS = {
+    0: [{"model": "natural", "clean": 0.90, "pgd20": 0.00, "cka": 0.8, "eval_s": 1.0},
+        {"model": "gacd", "clean": 0.95, "pgd20": 0.50, "probe_pgd20": 0.40, "cka": 0.9, "eval_s": 1.0}],
+    1: [{"model": "natural", "clean": 0.92, "pgd20": 0.02, "cka": 0.7, "eval_s": 1.0},
+        {"model": "gacd", "clean": 0.97, "pgd20": 0.56, "probe_pgd20": 0.46, "cka": 0.9, "eval_s": 1.0}],
+}
+
+
+def test_summarize_mean_and_sample_std():
+    s = summarize(ROWS)
+    assert set(s) == {"natural", "gacd"} and "eval_s" not in s["gacd"]
+    assert s["gacd"]["pgd20"]["mean"] == pytest.approx(0.53)
+    assert s["gacd"]["pgd20"]["std"] == pytest.approx(math.sqrt(2 * 0.03 ** 2))  # ddof 1
+    assert s["natural"]["clean"]["values"] == [0.90, 0.92] and s["natural"]["clean"]["n"] == 2
+    assert summarize({0: ROWS[0]})["gacd"]["clean"]["std"] == 0.0
+    table = format_summary(s, "t")
+    assert "53.0 ± 4.2" in table and "probe_pgd20" in table
+
+
+def test_write_study_files(tmp_path):
+    paths = write_study(summarize(ROWS), ROWS, str(tmp_path), config={"seeds": [0, 1]}, title="x")
+    doc = json.load(open(paths["json"]))
+    assert set(doc) == {"config", "versions", "summary", "runs"} and set(doc["runs"]) == {"0", "1"}
+    lines = open(paths["csv"]).read().splitlines()
+    assert lines[0] == "model,metric,mean,std,n,values" and any(l.startswith("gacd,pgd20,0.53,") for l in lines)
+    assert os.path.getsize(paths["png"]) > 0
+
+
+def test_noise_report_says_inside_or_beyond():
+    rows = [{"model": "gacd", "clean": 0.95, "pgd20": 0.50}, {"model": "ard", "clean": 0.94, "pgd20": 0.48},
+            {"model": "natural", "clean": 0.97, "pgd20": 0.0}]
+    text = noise_report(rows, "digits")
+    assert "ard: clean -1.0 (noise), pgd20 -2.0 (noise)" in text
+    assert "natural: clean +2.0 (noise), pgd20 -50.0 (beyond noise)" in text
+    assert "not measured" in noise_report(rows, "cifar10")
+
+
+def test_student_runs_and_chance():
+    assert student_runs(["natural", "gacd"], ["memory", "queue"]) == [
+        ("natural", "natural", "memory"), ("gacd_memory", "gacd", "memory"), ("gacd_queue", "gacd", "queue")]
+    assert student_runs(["gacd"], ["batch"]) == [("gacd", "gacd", "batch")]
+    assert gacd_chance({"method": "gacd", "bank": "memory", "num_negatives": 1023}) == pytest.approx(math.log(1024))
+    assert gacd_chance({"method": "gacd_feature", "bank": "batch", "batch_size": 64}) == pytest.approx(math.log(64))
+    assert gacd_chance({"method": "ard"}) is None
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    out = str(tmp_path / "study")
+    assert main(["study", "--out", out, "--seeds", "0", "1", "--methods", "natural", "gacd_feature",
+                 "--banks", "memory", "queue", "--teacher-epochs", "1", "--student-epochs", "1", "--attack-steps", "1",
+                 "--train-limit", "80", "--test-limit", "24", "--probe-epochs", "1", "--no-progress"]) == 0
+    doc = json.load(open(os.path.join(out, "study.json")))
+    assert set(doc["summary"]) == {"teacher", "natural", "gacd_feature_memory", "gacd_feature_queue"}
+    assert doc["summary"]["gacd_feature_queue"]["probe_pgd20"]["n"] == 2
+    for f in ("study.csv", "study.png", "seed0/results.json", "seed1/training_curves.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    # --teacher: every seed shares a trained teacher instead of training its own
+    again = str(tmp_path / "shared")
+    assert main(["study", "--out", again, "--seeds", "3", "--methods", "natural", "--teacher",
+                 os.path.join(out, "seed0", "teacher.pt"), "--student-epochs", "1", "--train-limit", "80",
+                 "--test-limit", "24", "--probe-epochs", "1", "--no-progress"]) == 0
+    assert not os.path.exists(os.path.join(again, "seed3", "teacher.pt"))
+    assert set(json.load(open(os.path.join(again, "study.json")))["summary"]) == {"teacher", "natural"}
+
+
+def test_study_needs_seeds(tmp_path):
+    with pytest.raises(SystemExit):  # argparse: --seeds needs values
+        main(["study", "--seeds"])
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"seeds": []}')
+    assert main(["study", "--config", str(cfg)]) == 2  # a bad configuration, named
