@@ -21,6 +21,7 @@ CASES = {
     "memory": dict(bank="memory", num_negatives=6),
     "memory_symmetric_sum": dict(bank="memory", num_negatives=6, symmetric=True, reduction="sum"),
     "batch_symmetric": dict(bank="batch", symmetric=True, weighting="correct"),
+    "queue_trained_teacher_head": dict(bank="queue", num_negatives=11, teacher_head="train"),
 }
 
 

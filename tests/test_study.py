@@ -42,7 +42,7 @@ def test_noise_report_says_inside_or_beyond():
             {"model": "natural", "clean": 0.97, "pgd20": 0.0}]
     text = noise_report(rows, "digits")
     assert "ard: clean -1.0 (noise), pgd20 -2.0 (noise)" in text
-    assert "natural: clean +2.0 (noise), pgd20 -50.0 (beyond noise)" in text
+    assert "natural: clean +2.0 (beyond noise), pgd20 -50.0 (beyond noise)" in text  # clean: std 0.5
     assert "not measured" in noise_report(rows, "cifar10")
 
 
