@@ -2,7 +2,8 @@
 their resources: registers, spill bytes, shared memory, tensor-core use of the SASS.
 
     python benchmarks/kernel_report.py [--out benchmarks/results/kernel_resources.csv] [--jobs 2]
-                                       [--arch 80 90] [--only NAME_SUBSTRING] [--no-cuda-ext]
+                                       [--arch 80 90] [--only NAME_SUBSTRING ...] [--dtype fp16 ...]
+                                       [--merge] [--no-cuda-ext]
 
 Triton kernels: triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) at every launch
 configuration the host code can choose (kernels/info_nce.py's tile tables, similarity's row tiles,
@@ -177,24 +178,24 @@ def _nvcc() -> str | None:
 
 
 def start_cuda_ext(archs: list[int], tmp: str) -> list[tuple[Path, subprocess.Popen]]:
-    """Start ``nvcc -Xptxas -v`` of every csrc/cuda/*.cu, compile only, all archs in one call (the
-    torch headers are parsed once), in the background. Flags as tests/test_cext_nvcc.py: -O0 is the
-    host code's level (device code gets ptxas' default -O3), and the CPU torch wheel lacks the
-    generated cuda_cmake_macros.h, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for."""
+    """Start ``nvcc -fatbin -Xptxas -v`` of every csrc/cuda/*.cu in the background: device code only
+    (no host compile: a third less time), all archs in one call. Flags as tests/test_cext_nvcc.py:
+    -O0 is the host code's level (device code gets ptxas' default -O3), and the CPU torch wheel
+    lacks the generated cuda_cmake_macros.h, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for."""
     nvcc = _nvcc()
     if nvcc is None:
         print("cuda extension: skipped (no nvcc on PATH or under the CUDA home)")
         return []
     from torch.utils import cpp_extension
     includes = cpp_extension.include_paths()
-    flags = ["-c", "-std=c++20", "-O0", *cpp_extension.COMMON_NVCC_FLAGS, "-Xptxas", "-v"]
+    flags = ["-fatbin", "-std=c++20", "-O0", *cpp_extension.COMMON_NVCC_FLAGS, "-Xptxas", "-v"]
     if not any(Path(i, "c10", "cuda", "impl", "cuda_cmake_macros.h").exists() for i in includes):
         flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     flags += [f"-I{i}" for i in includes]
     flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     procs = []
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        obj = Path(tmp, cu.stem + ".o")
+        obj = Path(tmp, cu.stem + ".fatbin")
         procs.append((cu, subprocess.Popen([nvcc, *flags, str(cu), "-o", str(obj)], stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True)))
     return procs
@@ -207,7 +208,7 @@ def cuda_ext_rows(procs: list[tuple[Path, subprocess.Popen]], tmp: str) -> list[
         log, _ = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"cuda extension: {cu.name} failed to compile:\n{log[-2000:]}")
-        rows += _ptxas_rows(log, cu.name, str(Path(tmp, cu.stem + ".o")))
+        rows += _ptxas_rows(log, cu.name, str(Path(tmp, cu.stem + ".fatbin")))
     return rows
 
 
@@ -229,8 +230,10 @@ def _ptxas_rows(log: str, src: str, obj: str) -> list[dict]:
         if m and name:
             smem = re.search(r"(\d+) bytes smem", line)
             dem = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
-            rows.append(dict(kernel=f"csrc/{src}:{dem.split('(')[0]}", arch=f"sm_{arch}", dtype=_dtype_of(dem),
-                             config=dem[:160], num_warps="", num_stages="", regs=int(m.group(1)), spill_bytes=spill,
+            qual = re.sub(r"^void ", "", dem.replace("(anonymous namespace)::", ""))
+            kname = re.split(r"[<(]", qual, maxsplit=1)[0]
+            rows.append(dict(kernel=f"csrc/{src}:{kname}", arch=f"sm_{arch}", dtype=_dtype_of(dem),
+                             config=qual[len(kname):].split("(")[0] or "-", num_warps="", num_stages="", regs=int(m.group(1)), spill_bytes=spill,
                              stack_bytes=stack, smem_bytes=int(smem.group(1)) if smem else 0,
                              tensor_core=name in mma, source="nvcc"))
             name = None
@@ -250,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--only", nargs="*", default=[""], help="compile only kernels whose name contains one of these")
+    ap.add_argument("--dtype", nargs="+", default=list(TRITON_DT), choices=list(TRITON_DT),
+                    help="compile only these input dtypes")
     ap.add_argument("--merge", action="store_true", help="keep the rows of --out for kernels not compiled now")
     ap.add_argument("--no-cuda-ext", action="store_true", help="skip the nvcc compile of csrc/cuda")
     args = ap.parse_args(argv)
     started = time.time()
-    todo = [(j, a) for j in jobs() if any(o in j[1] for o in args.only) for a in args.arch]
+    todo = [(j, a) for j in jobs() if any(o in j[1] for o in args.only) and j[2] in args.dtype for a in args.arch]
     with tempfile.TemporaryDirectory() as tmp:
         procs = [] if args.no_cuda_ext else start_cuda_ext(args.arch, tmp)
         print(f"compiling {len(todo)} Triton kernel variants with {args.jobs} processes"

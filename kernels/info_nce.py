@@ -439,8 +439,9 @@ _GPU_TILES: dict[tuple[str, str], dict[int, Tile]] = {
     # 64: one stage (the second stage's buffers cost the registers that spilled)
     ("dn", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 1),
                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
-    ("gather", "any"): {16: Tile(1, 64, 16, 4, 2), 32: Tile(1, 64, 32, 4, 2), 64: Tile(1, 64, 64, 4, 2),
-                        128: Tile(1, 32, 128, 4, 2), 256: Tile(1, 16, 256, 4, 2)},
+    # <= 2048 gathered elements a tile (each gathered row has its own pointer): <= 128 registers
+    ("gather", "any"): {16: Tile(1, 64, 16, 4, 2), 32: Tile(1, 64, 32, 4, 2), 64: Tile(1, 32, 64, 4, 2),
+                        128: Tile(1, 16, 128, 4, 2), 256: Tile(1, 16, 256, 4, 2)},
 }
 LOOPED_BLOCK_D = 128  # D > MAX_RESIDENT_D: D is looped in chunks of this width (and dq/dn output slices)
 # looped D: the half-precision dq/dn tiles are 32 x 32 (64-row/column tiles spill there)
@@ -495,7 +496,7 @@ def combine_tile(B: int, D: int, S: int) -> Tile:
     """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step)."""
     if interpreting():
         return Tile(pow2(B, 1, 64), pow2(S, 2, 64), pow2(D, 16, MAX_RESIDENT_D), 1, 1)
-    return Tile(32, 16, 64, 4, 2)
+    return Tile(16, 16, 64, 4, 2)  # 16 rows: ~96 registers at 4 warps (32 rows took ~230)
 
 
 def _splits(row_programs: int, total: int, block: int, device: torch.device) -> tuple[int, int]:
