@@ -2,14 +2,17 @@
 their resources: registers, spill bytes, shared memory, tensor-core use of the SASS.
 
     python benchmarks/kernel_report.py [--out benchmarks/results/kernel_resources.csv] [--jobs 2]
-                                       [--arch 80 90] [--only NAME_SUBSTRING] [--no-cuda-ext]
+                                       [--arch 80 90] [--only NAME_SUBSTRING ...] [--dtype fp16 ...]
+                                       [--merge] [--no-cuda-ext]
 
 Triton kernels: triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) at every launch
 configuration the host code can choose (kernels/info_nce.py's tile tables, similarity's row tiles,
 pgd's blocks), for each input dtype, with the pointer alignment the runtime specialises on (torch
-allocations are 16-byte aligned) and D either unspecialised ("any D") or a multiple of 16 ("D%16").
-Resources come from ``cuobjdump --dump-resource-usage`` and ``cuobjdump -sass`` (HMMA/HGMMA) on the
-cubin, with the tools Triton's wheel ships. C++/CUDA kernels: ``nvcc -Xptxas -v`` on csrc/cuda/*.cu.
+allocations are 16-byte aligned) and integer sizes unspecialised ("any D": the worst case).
+Resources come from ``cuobjdump --dump-resource-usage`` on the cubin, with the tools Triton's wheel
+ships, tensor cores from the PTX (mma / wgmma). C++/CUDA kernels: ``nvcc -Xptxas -v`` on
+csrc/cuda/*.cu (compile only, run alongside the Triton compiles). One compile per (kernel, dtype,
+width bucket, arch) the host code can choose: ~1 s each, in a process pool of --jobs.
 TRITON_INTERPRET must be unset in this process (the script unsets it before importing triton).
 """
 from __future__ import annotations
@@ -34,7 +37,6 @@ COLUMNS = ["kernel", "arch", "dtype", "config", "num_warps", "num_stages", "regs
            "smem_bytes", "tensor_core", "source"]
 FLOAT_ARGS = {"scale2", "scale", "alpha_f", "eps_f", "lo", "hi"}
 INT64_PTRS = {"idx_ptr", "rows_ptr", "qi_ptr", "bounds_ptr"}
-DIV16_INTS = {"D", "chunk"}  # specialised as multiples of 16 by the runtime when they are
 TRITON_DT = {"fp32": "fp32", "tf32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -84,7 +86,7 @@ def jobs() -> list[tuple]:
         out.append(("info_nce", "_combine_kernel", dt, f"M{c.block_m}S{c.block_n}D{c.block_d}",
                     dict(BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_S=c.block_n), {"q_ptr", "p_ptr"}, c.num_warps, c.num_stages))
         for d in (64, 128, 256, 512):
-            br, bd = S.ROW_TILE // S.row_block_d(d), S.row_block_d(d)
+            br, bd = S.row_tile(d)
             for kern, ptrs in (("_inv_norm_kernel", {"x_ptr"}), ("_normalize_fwd_kernel", {"x_ptr", "y_ptr"}),
                                ("_normalize_bwd_kernel", {"x_ptr", "dx_ptr"}), ("_cosine_fwd_kernel", {"a_ptr", "b_ptr"}),
                                ("_cosine_bwd_kernel", {"a_ptr", "b_ptr", "da_ptr", "db_ptr"})):
@@ -95,7 +97,7 @@ def jobs() -> list[tuple]:
         out.append(("pgd", "_linf_random_start_kernel", dt, "BLOCK1024", dict(EPS_T=True, BLOCK=1024),
                     {"x_ptr", "out_ptr"}, 4, 3))
         for blk in (256, 2048):
-            for ph in (0, 1):
+            for ph in (0, 1, 2):
                 out.append(("pgd", "_l2_partial_kernel", dt, f"BLOCK{blk} PHASE{ph}", dict(PHASE=ph, BLOCK=blk),
                             {"x_ptr", "g_ptr", "nat_ptr"}, 4, 3))
             out.append(("pgd", "_l2_apply_kernel", dt, f"BLOCK{blk}", dict(BLOCK=blk), {"x_ptr", "g_ptr", "nat_ptr"}, 4, 3))
@@ -109,26 +111,26 @@ def _tool(name: str) -> str:
     return str(p) if p.exists() else (shutil.which(name) or name)
 
 
-def _resources(cubin: bytes) -> tuple[int, int, int, bool]:
-    """(registers, stack bytes, static shared bytes, HMMA/HGMMA in the SASS) of a one-kernel cubin."""
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of a one-kernel cubin. The stack frame is where ptxas spills (Triton
+    records n_spills only when it loads the kernel on a device)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if not m:
         raise RuntimeError(f"no resource line in cuobjdump output: {usage[:300]}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3)), bool(re.search(r"\bH(G)?MMA\b", sass))
+    return int(m.group(1)), int(m.group(2))
 
 
-def _spill_bytes(asm: dict) -> int:
-    """Spill stores + loads reported by ptxas are in the cubin's stack; the spill count Triton
-    records (n_spills) is filled only on a device, so count local-memory spill accesses in the SASS."""
-    return 0
+def _uses_tensor_cores(ptx: str) -> bool:
+    """mma.sync / wgmma.mma_async in the PTX: ptxas lowers exactly these to HMMA / HGMMA (reading the
+    PTX saves a SASS dump a kernel, a third of the report's time)."""
+    return bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)\b", ptx))
 
 
-def compile_one(job: tuple, arch: int, div16: bool) -> dict:
+def compile_one(job: tuple, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -147,23 +149,19 @@ def compile_one(job: tuple, arch: int, div16: bool) -> dict:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if div16 and name in DIV16_INTS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    import triton.language as tl
-    cons = {k: v for k, v in cons.items()}
-    src = ASTSource(fn, sig, cons, attrs)
+    src = ASTSource(fn, sig, dict(cons), attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=nw, num_stages=ns))
-    regs, stack, _, tc = _resources(ck.asm["cubin"])
-    spills = len(re.findall(r"\bst\.local\b", ck.asm.get("ptx", "")))  # noqa: F841 (ptx has no spills)
+    regs, stack = _resources(ck.asm["cubin"])
+    tc = _uses_tensor_cores(ck.asm["ptx"])
     return dict(kernel=f"{module}.{kern}", arch=f"sm_{arch}", dtype=dt,
-                config=f"{label} {'D%16' if div16 else 'any D'}", num_warps=nw, num_stages=ns, regs=regs,
+                config=f"{label} any D", num_warps=nw, num_stages=ns, regs=regs,
                 spill_bytes=stack, stack_bytes=stack, smem_bytes=ck.metadata.shared, tensor_core=tc, source="triton")
 
 
 def _run(args):
-    job, arch, div16 = args
+    job, arch = args
     try:
-        return compile_one(job, arch, div16)
+        return compile_one(job, arch)
     except Exception as exc:  # a config that does not compile is a finding, not a crash
         module, kern, dt, label, _, _, nw, ns = job
         return dict(kernel=f"{module}.{kern}", arch=f"sm_{arch}", dtype=dt, config=f"{label} ERROR {type(exc).__name__}: "
@@ -171,50 +169,71 @@ def _run(args):
                     smem_bytes="", tensor_core="", source="triton")
 
 
-def cuda_ext_rows(archs: list[int]) -> list[dict]:
-    """nvcc -Xptxas -v of csrc/cuda/*.cu per arch (compile only): one row per kernel."""
-    nvcc = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
+def _nvcc() -> str | None:
+    """nvcc on PATH, else under the CUDA home the extension builds with (as tests/test_cext_nvcc.py)."""
+    from gacd_fast.ops import cext_backend
+    home = cext_backend.find_cuda_home()
+    found = shutil.which("nvcc") or (str(Path(home, "bin", "nvcc")) if home else None)
+    return found if found and Path(found).exists() else None
+
+
+def start_cuda_ext(archs: list[int], tmp: str) -> list[tuple[Path, subprocess.Popen]]:
+    """Start ``nvcc -fatbin -Xptxas -v`` of every csrc/cuda/*.cu in the background: device code only
+    (no host compile: a third less time), all archs in one call. Flags as tests/test_cext_nvcc.py:
+    -O0 is the host code's level (device code gets ptxas' default -O3), and the CPU torch wheel
+    lacks the generated cuda_cmake_macros.h, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for."""
+    nvcc = _nvcc()
     if nvcc is None:
-        print("cuda extension: skipped (no nvcc on PATH or under /usr/local/cuda*)")
+        print("cuda extension: skipped (no nvcc on PATH or under the CUDA home)")
         return []
-    import torch.utils.cpp_extension as ce
-    incs = [f"-I{p}" for p in ce.include_paths()] + [f"-I{ROOT / 'csrc'}"]
-    cuda_home = Path(nvcc).resolve().parents[1]
-    incs += [f"-I{cuda_home / 'include'}", f"-I{cuda_home / 'targets/x86_64-linux/include'}"]
-    rows = []
+    from torch.utils import cpp_extension
+    includes = cpp_extension.include_paths()
+    flags = ["-fatbin", "-std=c++20", "-O0", *cpp_extension.COMMON_NVCC_FLAGS, "-Xptxas", "-v"]
+    if not any(Path(i, "c10", "cuda", "impl", "cuda_cmake_macros.h").exists() for i in includes):
+        flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    flags += [f"-I{i}" for i in includes]
+    flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    procs = []
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        for arch in archs:
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [nvcc, "-c", str(cu), "-o", f"{tmp}/x.o", f"-arch=sm_{arch}", "-O3", "-std=c++17",
-                       "-Xptxas", "-v", "--expt-relaxed-constexpr", "-DTORCH_EXTENSION_NAME=_C", *incs]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode != 0:
-                    print(f"cuda extension: {cu.name} sm_{arch} failed to compile:\n{r.stderr[-2000:]}")
-                    continue
-                rows += _ptxas_rows(r.stderr, arch, cu.name, f"{tmp}/x.o")
+        obj = Path(tmp, cu.stem + ".fatbin")
+        procs.append((cu, subprocess.Popen([nvcc, *flags, str(cu), "-o", str(obj)], stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)))
+    return procs
+
+
+def cuda_ext_rows(procs: list[tuple[Path, subprocess.Popen]], tmp: str) -> list[dict]:
+    """Rows of the nvcc runs ``start_cuda_ext`` started: one per (kernel, arch)."""
+    rows = []
+    for cu, proc in procs:
+        log, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"cuda extension: {cu.name} failed to compile:\n{log[-2000:]}")
+        rows += _ptxas_rows(log, cu.name, str(Path(tmp, cu.stem + ".fatbin")))
     return rows
 
 
-def _ptxas_rows(log: str, arch: int, src: str, obj: str) -> list[dict]:
+def _ptxas_rows(log: str, src: str, obj: str) -> list[dict]:
     sass = subprocess.run([_tool("cuobjdump"), "-sass", obj], capture_output=True, text=True).stdout
     mma = {m.group(1) for m in re.finditer(r"Function : (\S+)[\s\S]*?(?=Function :|\Z)", sass)
            if re.search(r"\bH(G)?MMA\b", m.group(0))}
-    rows, name, stack, spill = [], None, 0, 0
+    rows, name, arch, stack, spill = [], None, None, 0, 0
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
         if m:
-            name = m.group(1)
+            name, arch = m.group(1), m.group(2)
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and name:
             stack, spill = int(m.group(1)), int(m.group(2)) + int(m.group(3))
             continue
-        m = re.search(r"Used (\d+) registers.*?(?:(\d+) bytes smem)?", line)
+        m = re.search(r"Used (\d+) registers", line)
         if m and name:
             smem = re.search(r"(\d+) bytes smem", line)
             dem = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
-            rows.append(dict(kernel=f"csrc/{src}:{dem.split('(')[0]}", arch=f"sm_{arch}", dtype=_dtype_of(dem),
-                             config=dem[:160], num_warps="", num_stages="", regs=int(m.group(1)), spill_bytes=spill,
+            qual = re.sub(r"^void ", "", dem.replace("(anonymous namespace)::", ""))
+            kname = re.split(r"[<(]", qual, maxsplit=1)[0]
+            rows.append(dict(kernel=f"csrc/{src}:{kname}", arch=f"sm_{arch}", dtype=_dtype_of(dem),
+                             config=qual[len(kname):].split("(")[0] or "-", num_warps="", num_stages="", regs=int(m.group(1)), spill_bytes=spill,
                              stack_bytes=stack, smem_bytes=int(smem.group(1)) if smem else 0,
                              tensor_core=name in mma, source="nvcc"))
             name = None
@@ -234,16 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--only", nargs="*", default=[""], help="compile only kernels whose name contains one of these")
+    ap.add_argument("--dtype", nargs="+", default=list(TRITON_DT), choices=list(TRITON_DT),
+                    help="compile only these input dtypes")
     ap.add_argument("--merge", action="store_true", help="keep the rows of --out for kernels not compiled now")
     ap.add_argument("--no-cuda-ext", action="store_true", help="skip the nvcc compile of csrc/cuda")
     args = ap.parse_args(argv)
     started = time.time()
-    todo = [(j, a, d) for j in jobs() if any(o in j[1] for o in args.only) for a in args.arch for d in (False,)]
-    print(f"compiling {len(todo)} Triton kernel variants with {args.jobs} processes ...", flush=True)
-    with ProcessPoolExecutor(args.jobs) as ex:
-        rows = list(ex.map(_run, todo, chunksize=4))
-    if not args.no_cuda_ext:
-        rows += cuda_ext_rows(args.arch)
+    todo = [(j, a) for j in jobs() if any(o in j[1] for o in args.only) and j[2] in args.dtype for a in args.arch]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [] if args.no_cuda_ext else start_cuda_ext(args.arch, tmp)
+        print(f"compiling {len(todo)} Triton kernel variants with {args.jobs} processes"
+              f"{' and the CUDA extension with nvcc' if procs else ''} ...", flush=True)
+        with ProcessPoolExecutor(args.jobs) as ex:
+            rows = list(ex.map(_run, todo))
+        rows += cuda_ext_rows(procs, tmp)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and out.exists():

@@ -420,26 +420,37 @@ class Tile(NamedTuple):
     num_stages: int
 
 
-# GPU tiles per (kernel, dtype group, BLOCK_D); first pass from the sm_90 compile report
-# (benchmarks/kernel_report.py): no spills, and <= 128 registers a thread where the tile allows two
-# programs per SM. "half" = fp16/bf16 tiles, "f32" = fp32 (ieee or tf32).
+# GPU tiles per (kernel, dtype group, BLOCK_D) for D <= MAX_RESIDENT_D, and per (kernel, dtype group)
+# for looped D; from the sm_90 compile report (benchmarks/kernel_report.py): no spills, and <= 128
+# registers a thread where the tile allows two programs per SM. "half" = fp16/bf16 tiles, "f32" =
+# fp32 (ieee or tf32).
 _GPU_TILES: dict[tuple[str, str], dict[int, Tile]] = {
     ("fwd", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 8, 2),
                       128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
+    # 256: a 32-column bank tile next to the resident q and the dq accumulator spills (fp32 ieee)
     ("fwd", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
-                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
+                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 16, 256, 8, 2)},
     ("dq", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(64, 32, 64, 8, 2),
                      128: Tile(64, 32, 128, 8, 2), 256: Tile(64, 32, 256, 8, 2)},
     ("dq", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
     ("dn", "half"): {16: Tile(64, 64, 16, 4, 3), 32: Tile(64, 64, 32, 4, 3), 64: Tile(32, 64, 64, 8, 2),
                      128: Tile(32, 64, 128, 8, 2), 256: Tile(32, 64, 256, 8, 2)},
-    ("dn", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 2),
+    # 64: one stage (the second stage's buffers cost the registers that spilled)
+    ("dn", "f32"): {16: Tile(32, 32, 16, 4, 2), 32: Tile(32, 32, 32, 4, 2), 64: Tile(32, 32, 64, 8, 1),
                     128: Tile(32, 32, 128, 8, 2), 256: Tile(32, 32, 256, 8, 2)},
-    ("gather", "any"): {16: Tile(1, 64, 16, 4, 2), 32: Tile(1, 64, 32, 4, 2), 64: Tile(1, 64, 64, 4, 2),
-                        128: Tile(1, 32, 128, 4, 2), 256: Tile(1, 16, 256, 4, 2)},
+    # <= 2048 gathered elements a tile (each gathered row has its own pointer): <= 128 registers
+    ("gather", "any"): {16: Tile(1, 64, 16, 4, 2), 32: Tile(1, 64, 32, 4, 2), 64: Tile(1, 32, 64, 4, 2),
+                        128: Tile(1, 16, 128, 4, 2), 256: Tile(1, 16, 256, 4, 2)},
 }
 LOOPED_BLOCK_D = 128  # D > MAX_RESIDENT_D: D is looped in chunks of this width (and dq/dn output slices)
+# looped D: the half-precision dq/dn tiles are 32 x 32 (64-row/column tiles spill there)
+_LOOPED_TILES: dict[tuple[str, str], Tile] = {
+    ("fwd", "half"): Tile(64, 32, LOOPED_BLOCK_D, 8, 2), ("fwd", "f32"): Tile(32, 32, LOOPED_BLOCK_D, 8, 2),
+    ("dq", "half"): Tile(32, 32, LOOPED_BLOCK_D, 8, 2), ("dq", "f32"): Tile(32, 32, LOOPED_BLOCK_D, 8, 2),
+    ("dn", "half"): Tile(32, 32, LOOPED_BLOCK_D, 8, 2), ("dn", "f32"): Tile(32, 32, LOOPED_BLOCK_D, 8, 2),
+    ("gather", "any"): Tile(1, 16, LOOPED_BLOCK_D, 4, 2),
+}
 
 
 def block_d_for(D: int) -> int:
@@ -450,8 +461,9 @@ def block_d_for(D: int) -> int:
 def gpu_tile(kind: str, dtype: torch.dtype, D: int) -> Tile:
     """The GPU launch configuration of ``kind`` ("fwd", "dq", "dn", "gather") for ``dtype`` and D."""
     group = "any" if kind == "gather" else ("f32" if dtype == torch.float32 else "half")
-    bd = block_d_for(D)
-    return _GPU_TILES[(kind, group)][min(bd, MAX_RESIDENT_D)]._replace(block_d=bd)
+    if D > MAX_RESIDENT_D:
+        return _LOOPED_TILES[(kind, group)]
+    return _GPU_TILES[(kind, group)][block_d_for(D)]
 
 
 def _tile(kind: str, dtype: torch.dtype, B: int, D: int) -> Tile:
@@ -484,7 +496,7 @@ def combine_tile(B: int, D: int, S: int) -> Tile:
     """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step)."""
     if interpreting():
         return Tile(pow2(B, 1, 64), pow2(S, 2, 64), pow2(D, 16, MAX_RESIDENT_D), 1, 1)
-    return Tile(32, 16, 64, 4, 2)
+    return Tile(16, 16, 64, 4, 2)  # 16 rows: ~96 registers at 4 warps (32 rows took ~230)
 
 
 def _splits(row_programs: int, total: int, block: int, device: torch.device) -> tuple[int, int]:

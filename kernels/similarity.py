@@ -22,15 +22,19 @@ NORM_EPS = tl.constexpr(1e-12)  # F.normalize eps (a constexpr global: kernels r
 
 @triton.jit
 def _rescale(scale, x):
-    """New running scale max(scale, max|x| per row) and the factor old/new for the sums so far."""
+    """New running scale max(scale, max|x| per row) and the factor old/new for the sums so far
+    (1 where the scale did not grow: also when it is inf already, where inf/inf would be NaN)."""
     new = tl.maximum(scale, tl.max(tl.abs(x), axis=1))
-    return new, scale / tl.where(new > 0, new, 1.0)
+    return new, tl.where(new > scale, scale / new, 1.0)
 
 
 @triton.jit
 def _unit(x, scale):
-    """x / scale per row (0 where the scale is 0): entries in [-1, 1], squares cannot overflow."""
-    return x / tl.where(scale > 0, scale, 1.0)[:, None]
+    """x / scale per row (0 where the scale is 0): entries in [-1, 1], squares cannot overflow.
+    An infinite entry counts as +-1 (not inf/inf = NaN), so a row with inf has norm inf and
+    normalises to NaN there and 0 elsewhere, as F.normalize; NaN entries stay NaN."""
+    u = x / tl.where(scale > 0, scale, 1.0)[:, None]
+    return tl.where(tl.abs(x) == float("inf"), tl.where(x > 0, 1.0, -1.0), u)
 
 
 @triton.jit
@@ -148,13 +152,18 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
         tl.store(db_ptr + off, gdb.to(b.dtype), mask=m)
 
 
-ROW_TILE = 4096  # elements of the [BLOCK_R, BLOCK_D] tile on a GPU: 32 fp32 registers a thread at 4 warps
+# GPU tile: rows of an unaligned D are loaded one element a lane along D, so a thread holds
+# BLOCK_R / (row warps) whole rows' running sums; <= 1024 elements and <= 8 rows a program keep every
+# kernel at <= 128 registers at 4 warps (no spills, two programs an SM; kernel_resources.csv)
+ROW_TILE, ROW_MAX_R = 1024, 8
 ROW_WARPS, ROW_STAGES = 4, 2
 
 
-def row_block_d(d: int) -> int:
-    """BLOCK_D on a GPU: one of 64..512 (longer rows loop), so the report can list every variant."""
-    return pow2(d, 64, 512)
+def row_tile(d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) on a GPU: BLOCK_D one of 64..512 (longer rows loop), so the report can
+    list every variant."""
+    block_d = pow2(d, 64, 512)
+    return min(ROW_MAX_R, ROW_TILE // block_d), block_d
 
 
 def _blocks(n_rows: int, d: int) -> tuple[int, int]:
@@ -162,8 +171,7 @@ def _blocks(n_rows: int, d: int) -> tuple[int, int]:
     if interpreting():
         block_d = pow2(d, 16, 1024)
         return pow2(n_rows, 1, max(1, (1 << 16) // block_d)), block_d
-    block_d = row_block_d(d)
-    return ROW_TILE // block_d, block_d
+    return row_tile(d)
 
 
 def _launch_rows(kernel, n_rows: int, d: int, *args) -> None:

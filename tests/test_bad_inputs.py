@@ -21,12 +21,6 @@ def backend(request):
     return request.param
 
 
-def _triton_pending(request, backend):
-    """The triton side of rows 7 and 9 (info_nce/similarity kernels) lands with issue 12's branch."""
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(reason="triton kernels of rows 7/9 come with issue 12", strict=False))
-
-
 def _bank(k=6, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(3, d, generator=g), torch.randn(3, d, generator=g), torch.randn(k, d, generator=g)
@@ -171,8 +165,7 @@ def test_nan_per_sample_values_rejected(backend, name):
 
 # --------------------------------------------------------------------------- row 7: huge rows
 @pytest.mark.parametrize("scale", [1e19, 1e30, 1e37])
-def test_huge_rows_normalise_like_any_other(backend, scale, request):
-    _triton_pending(request, backend)
+def test_huge_rows_normalise_like_any_other(backend, scale):
     q, p, n = _bank()
     want = gacd_fast.info_nce(q, p, n, reduction="none", backend="torch")
     big = n.clone()
@@ -228,8 +221,7 @@ def test_temperature_with_infinite_reciprocal_rejected(backend):
         gacd_fast.info_nce(q, p, n, temperature=1e-300, backend=backend)
 
 
-def test_infinite_logits_follow_logsumexp(backend, request):
-    _triton_pending(request, backend)
+def test_infinite_logits_follow_logsumexp(backend):
     q, p, n = _bank()
     n[1, 0] = float("inf")  # row i scores +inf or -inf against it, by the sign of q[i, 0]
     got = gacd_fast.info_nce(q, p, n, normalize=False, reduction="none", backend=backend)

@@ -39,3 +39,9 @@ def test_no_gpu_skips_with_reason_and_writes_csv(tmp_path):
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert [r["step"] for r in rows] == ["determinism", "tests"]
     assert all(r["status"] == "skipped" and "no CUDA GPU" in r["detail"] for r in rows)
+
+
+def test_step_budgets_fit_the_gpu_lease():
+    mod = _module()
+    assert set(mod.BUDGET_S) == set(mod.STEPS)
+    assert sum(mod.BUDGET_S.values()) <= mod.TOTAL_BUDGET_S - 120  # room for the start and the log copy
