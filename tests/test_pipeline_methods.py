@@ -108,8 +108,8 @@ def test_feature_only_gacd_uses_no_labels(tiny):
     x, y, idx = tr.batch(torch.arange(8)), tr.labels[:8], torch.arange(8)
     losses = []
     for labels in (y, (y + 3) % 10):
-        torch.manual_seed(0)  # a fresh copy each time: a step updates BatchNorm's running statistics
-        losses.append(obj.step(copy.deepcopy(student), x, labels, idx).loss.item())
+        torch.manual_seed(0)  # fresh copies: a step updates BatchNorm's statistics and the bank
+        losses.append(copy.deepcopy(obj).step(copy.deepcopy(student), x, labels, idx).loss.item())
     assert losses[0] == losses[1]
 
 

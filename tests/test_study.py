@@ -44,6 +44,9 @@ def test_noise_report_says_inside_or_beyond():
     assert "ard: clean -1.0 (noise), pgd20 -2.0 (noise)" in text
     assert "natural: clean +2.0 (beyond noise), pgd20 -50.0 (beyond noise)" in text  # clean: std 0.5
     assert "not measured" in noise_report(rows, "cifar10")
+    feature = [{**rows[0], "probe_pgd20": 0.55}, {"model": "gacd_feature", "clean": 0.1, "pgd20": 0.01, "probe_pgd20": 0.5}]
+    text = noise_report(feature, "digits", probe_only=("gacd_feature",))
+    assert text.splitlines()[-1].endswith("gacd_feature: probe_pgd20 -5.0 (noise)")  # its classifier is never trained
 
 
 def test_student_runs_and_chance():
@@ -71,6 +74,8 @@ def test_tiny_study_end_to_end(tmp_path):
                  os.path.join(out, "seed0", "teacher.pt"), "--student-epochs", "1", "--train-limit", "80",
                  "--test-limit", "24", "--probe-epochs", "1", "--no-progress"]) == 0
     assert not os.path.exists(os.path.join(again, "seed3", "teacher.pt"))
+    # the shared teacher's split (seed 0), not seed 3's: no run may test on the teacher's training images
+    assert json.load(open(os.path.join(again, "seed3", "natural_config.json")))["split_seed"] == 0
     assert set(json.load(open(os.path.join(again, "study.json")))["summary"]) == {"teacher", "natural"}
 
 

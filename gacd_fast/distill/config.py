@@ -110,6 +110,7 @@ class RunConfig:
     data_dir: str | None = opt(None, "folder with the dataset files (cifar-10-batches-py/, cifar-100-python/ or stl10_binary/, or those folders themselves)")
     out_dir: str = opt("runs/out", "output folder: checkpoints, config.json/yaml, results (CSV, JSON, PNG) and the log", flag="--out", aliases=("--out-dir",))
     seed: int = opt(0, "random seed (data split, initialisation, attacks' random starts)")
+    split_seed: int | None = opt(None, "seed of the train/test split and of the --train-limit/--test-limit subsets (default: --seed); keep it fixed when runs share a teacher, so that no run tests on the teacher's training images (demo/study --teacher take the teacher's)")
     device: str = opt("auto", "torch device: auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     batch_size: int | None = opt(None, "batch size (default per dataset: digits 64, CIFAR-10 128, CIFAR-100 256 as ARD)")
     train_limit: int | None = opt(None, "use only this many training samples (a seeded subset; for quick runs)")
@@ -236,7 +237,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
                                 "num_negatives", "teacher_epochs", "student_epochs")},
     **{n: (0, False) for n in ("attack_steps", "pgd_steps", "cw_steps", "probe_epochs", "eps", "alpha", "probe_eps",
                                 "weight_decay", "momentum", "eps_sweep", "gacd_weight", "ce_weight", "trades_beta",
-                                "ard_alpha", "nce_momentum", "seed", "feature_probe_eps", "autoattack")},
+                                "ard_alpha", "nce_momentum", "seed", "split_seed", "feature_probe_eps", "autoattack")},
     **{n: (0, True) for n in ("lr", "nce_temperature", "ard_temperature")},
 }
 

@@ -58,9 +58,28 @@ def _setup(cfg: Any, config_name: str = "config", distributed: bool = True) -> t
     return device, Logger(cfg.out_dir if main else None, quiet=not main)
 
 
+def split_seed(cfg: Any) -> int:
+    """The seed of the train/test split: --split-seed, else --seed."""
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+
 def _data(cfg: Any) -> DataBundle:
-    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-    return DataBundle(data.train.subset(cfg.train_limit, cfg.seed), data.test.subset(cfg.test_limit, cfg.seed), data.augment)
+    s = split_seed(cfg)
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=s)
+    return DataBundle(data.train.subset(cfg.train_limit, s), data.test.subset(cfg.test_limit, s), data.augment)
+
+
+def _with_teacher_split(cfg: DemoConfig) -> DemoConfig:
+    """With a reused --teacher and no --split-seed: the teacher's split (from its checkpoint), so that
+    no run evaluates on images the teacher trained on."""
+    if not cfg.teacher or cfg.split_seed is not None:
+        return cfg
+    if not os.path.isfile(cfg.teacher):
+        raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
+    meta = torch.load(cfg.teacher, map_location="cpu", weights_only=True).get("config") or {}
+    if "seed" not in meta:
+        raise ValueError(f"{cfg.teacher} does not say which split it was trained on; pass --split-seed")
+    return dataclasses.replace(cfg, split_seed=meta.get("split_seed") if meta.get("split_seed") is not None else meta["seed"])
 
 
 def _finished(path: str, cfg: Any, log: Logger, name: str) -> bool:
@@ -171,9 +190,11 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
         key = os.path.splitext(os.path.basename(path))[0]
         key = key if key not in models else path
         models[key], metas[key] = load_checkpoint(path, device)
-    transfer = load_transfer(cfg.transfer, transfer_dir, seed=cfg.seed)
+    transfer = load_transfer(cfg.transfer, transfer_dir, seed=split_seed(cfg))
     log(f"[eval] {len(models)} model(s) on {cfg.dataset} test ({len(data.test)}), eps {cfg.eps:.4g}, "
-        f"PGD-{cfg.pgd_steps}/CW-{cfg.cw_steps} step {cfg.alpha:.4g}, transfer {cfg.transfer} (probe PGD eps {cfg.probe_eps:.4g})")
+        f"PGD-{cfg.pgd_steps}/CW-{cfg.cw_steps} step {cfg.alpha:.4g}, "
+        + (f"same-task probe PGD eps {cfg.feature_probe_eps:.4g}, " if cfg.feature_probe else "")
+        + f"transfer {cfg.transfer} (probe PGD eps {cfg.probe_eps:.4g})")
     batch_size = max(cfg.batch_size, 256)
     rows = evaluate_models(models, data.test, teacher=teacher, eps=cfg.eps, alpha=cfg.alpha, pgd_steps=cfg.pgd_steps,
                            cw_steps=cfg.cw_steps, transfer=transfer, probe_epochs=cfg.probe_epochs, probe_eps=cfg.probe_eps,
@@ -193,7 +214,10 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
         for name, accs in acc.items():
             log(f"[eval]   {name}: " + " ".join(f"{100 * a:.1f}" for a in accs))
     title = title or cfg.dataset
-    table = format_table(rows, title + f": eps {cfg.eps:.4g}; transfer probe on {cfg.transfer}, PGD-{cfg.pgd_steps} at eps {cfg.probe_eps:.4g}")
+    probes = [f"probe PGD-{cfg.pgd_steps} at eps {cfg.feature_probe_eps:.4g}"] if cfg.feature_probe else []
+    if cfg.transfer != "none":
+        probes.append(f"transfer probe on {cfg.transfer}, PGD-{cfg.pgd_steps} at eps {cfg.probe_eps:.4g}")
+    table = format_table(rows, title + f": eps {cfg.eps:.4g}" + "".join(f"; {p}" for p in probes))
     log(table)
     paths = write_results(rows, cfg.out_dir, dataset=cfg.dataset, eps=cfg.eps, device=str(device), config={**run_config, "evaluation": to_dict(cfg)} if run_config else to_dict(cfg),
                           title=title, sweep=sweep, histories={k: m.get("history", []) for k, m in metas.items()},
@@ -225,7 +249,8 @@ def student_runs(methods: list[str], banks: list[str]) -> list[tuple[str, str, s
 def recipe(cfg: DemoConfig, log: Logger, title: str) -> list[dict[str, Any]]:
     """Train the teacher and every student of ``cfg`` into ``cfg.out_dir``, evaluate them all;
     the evaluation's rows (empty on ranks other than 0)."""
-    common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, out_dir=cfg.out_dir, seed=cfg.seed, device=cfg.device,
+    common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, out_dir=cfg.out_dir, seed=cfg.seed, split_seed=cfg.split_seed,
+                  device=cfg.device,
                   batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
                   eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
@@ -250,11 +275,12 @@ def demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     """Adversarially train a teacher, then every student, evaluate all, print the table (and
     which differences are inside the seed noise)."""
     t_start = time.time()
-    cfg = resolve(cfg)
+    cfg = _with_teacher_split(resolve(cfg))
     device, log = _setup(cfg, "demo_config")
     rows = recipe(cfg, log, title=f"GACD demo on {cfg.dataset}")
     if rows:
-        log(noise_report(rows, cfg.dataset))
+        feature_only = tuple(name for name, method, _ in student_runs(cfg.methods, cfg.banks) if method == "gacd_feature")
+        log(noise_report(rows, cfg.dataset, probe_only=feature_only))
         log(f"[demo] total wall time {time.time() - t_start:.1f}s; results in {cfg.out_dir}")
     return rows
 
@@ -263,7 +289,7 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     """The demo's recipe once per seed (``<out>/seed<N>/``), then mean +- std over the seeds of
     every metric: study.json, study.csv, study.png and the printed table (one process only)."""
     t_start = time.time()
-    cfg = resolve(cfg)
+    cfg = _with_teacher_split(resolve(cfg))
     if parallel.launched():
         raise ValueError("gacd-fast study runs in one process (it repeats whole runs per seed); run it without torchrun")
     _, log = _setup(cfg, "study_config", distributed=False)

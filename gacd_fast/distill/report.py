@@ -185,12 +185,14 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: str, 
     gacd = {n: h for n, h in histories.items() if h and "gacd_loss" in h[0]}
     fig, axes = plt.subplots(1, 3 if gacd else 2, figsize=(16 if gacd else 11, 4))
     ax1, ax2 = axes[0], axes[1]
+    colors = {}
     for name, hist in histories.items():
         if not hist:
             continue
         ep = [r["epoch"] for r in hist]
-        ax1.plot(ep, [r["loss"] for r in hist], marker=".", label=name)
-        ax2.plot(ep, [100 * r["train_acc"] for r in hist], marker=".", label=name)
+        line, = ax1.plot(ep, [r["loss"] for r in hist], marker=".", label=name)
+        colors[name] = line.get_color()
+        ax2.plot(ep, [100 * r["train_acc"] for r in hist], marker=".", label=name, color=colors[name])
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
     ax1.set_title("loss")
@@ -201,9 +203,9 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: str, 
     if gacd:
         ax3 = axes[2]
         for name, hist in gacd.items():
-            line, = ax3.plot([r["epoch"] for r in hist], [r["gacd_loss"] for r in hist], marker=".", label=name)
+            ax3.plot([r["epoch"] for r in hist], [r["gacd_loss"] for r in hist], marker=".", label=name, color=colors[name])
             if chance and name in chance:
-                ax3.axhline(chance[name], color=line.get_color(), ls="--", lw=1)
+                ax3.axhline(chance[name], color=colors[name], ls="--", lw=1)
         ax3.set_xlabel("epoch")
         ax3.set_ylabel("GACD contrastive term (dashed: log(K+1), chance)")
         ax3.set_ylim(bottom=0)

@@ -129,10 +129,13 @@ def noise_std(dataset: str, metric: str) -> float | None:
     return table.get(metric, table.get("*"))
 
 
-def noise_report(rows: list[dict[str, Any]], dataset: str, reference: str = "gacd") -> str:
+def noise_report(rows: list[dict[str, Any]], dataset: str, reference: str = "gacd",
+                 probe_only: tuple[str, ...] = ()) -> str:
     """For a single-seed table: each model's difference to ``reference`` per accuracy metric, and
     whether it is inside the seed noise: |d| < 2 * sqrt(2) * std, the std of a single run measured
-    by `gacd-fast study` (two independent runs differ by sqrt(2) std on average; 2 of those is ~95%)."""
+    by `gacd-fast study` (two independent runs differ by sqrt(2) std on average; 2 of those is ~95%).
+    Models in ``probe_only`` (feature-only students: their classifier is never trained) are compared
+    on the probe columns alone."""
     by_name = {r["model"]: r for r in rows}
     ref = by_name.get(reference)
     metrics = [c for c in ("clean", "pgd20", "cw", "probe_pgd20") if ref is not None and isinstance(ref.get(c), float)]
@@ -145,7 +148,7 @@ def noise_report(rows: list[dict[str, Any]], dataset: str, reference: str = "gac
             continue
         parts = []
         for c in metrics:
-            if not isinstance(row.get(c), float):
+            if not isinstance(row.get(c), float) or (name in probe_only and not c.startswith("probe_")):
                 continue
             d = 100 * (row[c] - ref[c])
             std = noise_std(dataset, c)
