@@ -15,7 +15,7 @@ SHAPES = [(1, 1, 1, 1), (3, 5, 2, 1), (17, 129, 31, 7), (64, 1000, 128, 129)]  #
 
 
 def naive_info_nce(q, p, n, idx, tau, normalize):
-    """Row by row, with Python sums: the op exactly as DESIGN.md words it."""
+    """Row by row, with Python sums: the op exactly as docs/design.md words it."""
     q, p, n = (t.detach().double() for t in (q, p, n))
     out = []
     for i in range(q.shape[0]):

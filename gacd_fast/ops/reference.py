@@ -1,7 +1,7 @@
 """The reference: plain PyTorch definitions of every op. Every backend is checked against these.
 
 ``info_nce_rows`` here materialises the B x K logits on purpose: it is the test oracle, written as
-literally as DESIGN.md states the op. The torch backend's memory-lean version is in ``chunked.py``.
+literally as docs/design.md states the op. The torch backend's memory-lean version is in ``chunked.py``.
 Inputs are assumed validated (see ``gacd_fast.functional``).
 """
 from __future__ import annotations
