@@ -11,7 +11,6 @@ from . import backends, distributed
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
-    check_index_range,
     check_int,
     check_option,
     check_same_device,
@@ -144,10 +143,7 @@ class GACDLoss(nn.Module):
         """CRD's ``contrast_idx`` [B, 1 + num_negatives] for dataset rows ``index`` [B]: column 0 the
         sample, then sampled other rows. Pass it to several calls (an attack's and the training
         loss's) to share their negatives. None for the queue and batch banks (nothing to sample)."""
-        if not isinstance(self.bank_t, MemoryBank):
-            return None
-        negs = self.bank_t.sample_negatives(index, generator=generator)
-        return torch.cat([index.long()[:, None], negs], 1)
+        return self.bank_t.sample_contrast_index(index, generator)
 
     @torch.no_grad()
     def prefill(self, f_t: torch.Tensor, index: torch.Tensor | None = None) -> None:
@@ -187,14 +183,15 @@ class GACDLoss(nn.Module):
         """
         batch = self._check_inputs(f_s, f_t, index, contrast_index, update_bank)
         weights = self._weights(weights, teacher_logits, targets, batch)
-        if isinstance(self.bank_t, MemoryBank):
+        if self.bank_t.needs_index:
             if index is None:
-                raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
+                raise ValueError(f"bank={self.bank_kind!r} needs index, the [B] dataset indices of the batch")
             index = self.bank_t.check_index("index", index, batch)
         dist_on = distributed.active(self.distributed)
         s, t = self.embed_s(f_s), self.embed_t(f_t)
-        if isinstance(self.bank_t, (MemoryBank, FeatureQueue)):  # match the rows' dtype (autocast gives half embeddings)
-            s, t = s.to(self.bank_t.rows.dtype), t.to(self.bank_t.rows.dtype)
+        dtype = self.bank_t.rows_dtype
+        if dtype is not None:  # match the stored rows' dtype (autocast gives half embeddings)
+            s, t = s.to(dtype), t.to(dtype)
         loss = self._loss(s, t, index, contrast_index, weights, dist_on)
         if self.training if update_bank is None else update_bank:
             self.bank_t.update(t.detach(), index, dist_on=dist_on)
@@ -220,8 +217,6 @@ class GACDLoss(nn.Module):
                 raise ValueError(
                     f"contrast_index must have shape ({batch}, 1 + K) with K >= 1, got {tuple(contrast_index.shape)}"
                 )
-            if isinstance(self.bank_t, MemoryBank) and contrast_index.device.type != "meta":
-                check_index_range("contrast_index", contrast_index, self.num_data, "rows of the memory bank")
         return batch
 
     def _weights(self, weights, teacher_logits, targets, batch: int) -> torch.Tensor | None:
@@ -241,19 +236,13 @@ class GACDLoss(nn.Module):
     def _loss(self, s, t, index, contrast_index, weights, dist_on: bool) -> torch.Tensor:
         """The (weighted, reduced) contrastive term(s) against the banks' negatives."""
         reduction = "none" if dist_on else self.reduction
-        rows_t, neg_index = self._negatives(self.bank_t, t, index, contrast_index, dist_on)
+        rows_t, neg_index = self.bank_t.negatives(t, index, contrast_index=contrast_index, dist_on=dist_on)
         loss = self._term(s, t, rows_t, neg_index, weights, reduction)
         if self.bank_s is not None:  # the student-anchored term shares the sampled rows
-            shared = torch.cat([index[:, None], neg_index], 1) if isinstance(self.bank_s, MemoryBank) else None
-            rows_s, _ = self._negatives(self.bank_s, s, index, shared, dist_on)
+            shared = torch.cat([index[:, None], neg_index], 1) if self.bank_s.needs_index else None
+            rows_s, _ = self.bank_s.negatives(s, index, contrast_index=shared, dist_on=dist_on)
             loss = loss + self._term(t, s, rows_s, neg_index, weights, reduction)
         return distributed.global_reduce(loss, weights, self.reduction) if dist_on else loss
-
-    @staticmethod
-    def _negatives(bank, keys, index, contrast_index, dist_on):
-        if contrast_index is not None and isinstance(bank, MemoryBank):
-            return bank.rows, contrast_index[:, 1:].long()
-        return bank.negatives(keys, index, dist_on=dist_on)
 
     def _term(self, query, positive, negatives, neg_index, weights, reduction):
         if self.critic == "nce":

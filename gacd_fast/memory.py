@@ -33,7 +33,7 @@ from ._checks import (
     check_int,
     check_real,
     check_tensor,
-    value_checks_enabled,
+    reads_values,
 )
 from .ops.reference import NORM_EPS
 
@@ -44,20 +44,34 @@ class NegativeBank(nn.Module):
     #: whether :meth:`negatives` needs the samples' dataset indices
     needs_index = False
 
+    @property
+    def rows_dtype(self) -> torch.dtype | None:
+        """dtype of the stored rows (None: nothing stored); keys are cast to it."""
+        rows = getattr(self, "rows", None)
+        return rows.dtype if rows is not None else None
+
     def negatives(
         self,
         keys: torch.Tensor,
         index: torch.Tensor | None = None,
         *,
+        contrast_index: torch.Tensor | None = None,
         dist_on: bool = False,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Negatives of a batch whose own keys (the positives) are ``keys`` [B, D].
 
-        Returns ``(rows [N, D], neg_index)``: ``neg_index`` None means every row is a negative of
-        every query, else [B, M] int64 rows of ``rows`` per query.
+        ``contrast_index``: CRD's [B, 1 + K] sampled rows (see :meth:`sample_contrast_index`), used
+        by the kinds that sample and ignored by the others. Returns ``(rows [N, D], neg_index)``:
+        ``neg_index`` None means every row is a negative of every query, else [B, M] int64 rows of
+        ``rows`` per query.
         """
         raise NotImplementedError
+
+    def sample_contrast_index(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """CRD's ``contrast_idx`` [B, 1 + K] for dataset rows ``index`` [B], to share one draw of
+        negatives between calls; None for the kinds that draw nothing."""
+        return None
 
     def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
         """Remember the batch's ``keys`` [B, D] (dataset rows ``index`` [B]); no-op by default."""
@@ -72,7 +86,7 @@ class NegativeBank(nn.Module):
         check_tensor(name, values, ndim=2, dtypes=FLOAT_DTYPES)
         if values.shape[1] != dim:
             raise ValueError(f"{name} must have shape (B, {dim}) (one row per sample), got {tuple(values.shape)}")
-        if value_checks_enabled() and values.device.type != "meta" and not bool(torch.isfinite(values).all()):
+        if reads_values(values) and not bool(torch.isfinite(values).all()):
             raise ValueError(f"{name} holds NaN or inf; refusing to store them in the {type(self).__name__} "
                              "(nothing was written)")
         return values.detach()
@@ -121,8 +135,7 @@ class MemoryBank(NegativeBank):
         check_tensor(name, index, ndim=1, dtypes=INDEX_DTYPES)
         if batch is not None and index.shape[0] != batch:
             raise ValueError(f"{name} must have shape ({batch},) (one dataset index per sample), got {tuple(index.shape)}")
-        if index.device.type != "meta":
-            check_index_range(name, index, self.num_data, "rows of the memory bank (dataset indices)")
+        check_index_range(name, index, self.num_data, "rows of the memory bank (dataset indices)")
         return index.long()
 
     def sample_negatives(self, index: torch.Tensor, k: int | None = None,
@@ -137,29 +150,35 @@ class MemoryBank(NegativeBank):
         r = torch.randint(self.num_data - 1, (index.shape[0], k), device=index.device, generator=generator)
         return r + (r >= index[:, None]).long()
 
-    def negatives(self, keys, index=None, *, dist_on=False, generator=None):
+    def sample_contrast_index(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        negs = self.sample_negatives(index, generator=generator)
+        return torch.cat([index.long()[:, None], negs], 1)
+
+    def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
+        if contrast_index is None:
+            if index is None:
+                raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
+            return self.rows, self.sample_negatives(index, generator=generator)
+        check_index_range("contrast_index", contrast_index, self.num_data, "rows of the memory bank")
+        return self.rows, contrast_index[:, 1:].long()  # column 0 is the sample itself
+
+    def _rows_and_index(self, what: str, keys: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if index is None:
-            raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
-        return self.rows, self.sample_negatives(index, generator=generator)
+            raise ValueError(f"MemoryBank.{what} needs index, the [B] dataset indices of the rows")
+        v = self._check_rows("keys", keys, self.dim)
+        return v, self.check_index("index", index, v.shape[0])
 
     @torch.no_grad()
     def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
         """rows[index] <- normalize(m * rows[index] + (1 - m) * keys) (out of place, see module doc)."""
-        if index is None:
-            raise ValueError("MemoryBank.update needs index, the [B] dataset indices of the rows")
-        v = self._check_rows("keys", keys, self.dim)
-        index = self.check_index("index", index, v.shape[0])
-        v, index = self._gather(v, index, dist_on)
+        v, index = self._gather(*self._rows_and_index("update", keys, index), dist_on)
         mixed = self.rows[index] * self.momentum + v.to(self.rows.dtype) * (1 - self.momentum)
         self.rows = self.rows.index_copy(0, index, F.normalize(mixed, dim=1, eps=NORM_EPS))
 
     @torch.no_grad()
     def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """rows[index] <- normalize(keys), exactly."""
-        if index is None:
-            raise ValueError("MemoryBank.prefill needs index, the [B] dataset indices of the rows")
-        v = self._check_rows("keys", keys, self.dim)
-        index = self.check_index("index", index, v.shape[0])
+        v, index = self._rows_and_index("prefill", keys, index)
         self.rows = self.rows.index_copy(0, index, F.normalize(v.to(self.rows.dtype), dim=1, eps=NORM_EPS))
 
 
@@ -177,7 +196,7 @@ class FeatureQueue(NegativeBank):
         self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
-    def negatives(self, keys, index=None, *, dist_on=False, generator=None):
+    def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
         return self.rows, None
 
     @torch.no_grad()
@@ -200,7 +219,7 @@ class BatchNegatives(NegativeBank):
     """In-batch negatives: every other key of the batch (of the global batch under
     torch.distributed, gathered with gradients so that each rank's keys get theirs back)."""
 
-    def negatives(self, keys, index=None, *, dist_on=False, generator=None):
+    def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
         batch = keys.shape[0]
         offset, total = distributed.rank_offset(batch, keys.device) if dist_on else (0, batch)
         if total < 2:

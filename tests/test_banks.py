@@ -162,3 +162,10 @@ def test_batch_negatives_store_nothing():
     b = BatchNegatives()
     b.update(torch.randn(3, 4))
     assert not list(b.buffers())
+
+
+def test_cli_choices_match_the_loss():
+    from gacd_fast.distill import config
+    from gacd_fast.loss import BANKS, TEACHER_HEADS
+
+    assert config.BANK_CHOICES == BANKS and config.TEACHER_HEAD_CHOICES == TEACHER_HEADS

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import PGD, GACDLoss
 from ..attacks import logits_of
+from .data import iterate
 
 STUDENT_METHODS = ("natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
 ATTACK_OBJECTIVES = ("ce", "guided")
@@ -187,8 +188,6 @@ class GACD(Distill):
     def prepare(self, train: Any, device: torch.device | str) -> None:
         if not self.prefill:
             return
-        from .data import iterate  # the data layer imports nothing from here; keep it that way
-
         for x, _, index in iterate(train, 512, device=device):
             self.criterion.prefill(self.teacher_out(x)[0], index)
 
