@@ -26,7 +26,6 @@ from ._checks import (
     check_temperature,
     check_tensor,
 )
-from .ops import reference
 
 REDUCTIONS = ("none", "sum", "mean")
 NORMS = ("linf", "l2")
@@ -135,22 +134,31 @@ def nce_loss(
     *,
     num_data: int,
     temperature: float = 0.07,
+    normalizer: float = 1.0,
+    eps: float = 0.0,
     weights: torch.Tensor | None = None,
     neg_index: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """CRD's NCE critic, h(s) = sigmoid(s/tau - log(K/num_data)), as a weighted loss.
+    """CRD's NCE loss (RepDistiller's ContrastLoss on ContrastMemory's scores), weighted.
 
-    Same arguments as :func:`info_nce` plus ``num_data`` (the dataset size M of CRD's noise
-    distribution 1/M; K = negatives per row). Reference (torch) implementation only: it holds
-    the B x K scores.
+    Same arguments as :func:`info_nce` plus ``num_data`` (the dataset size n of CRD's noise
+    distribution 1/n), ``normalizer`` (CRD's constant Z: a score's probability is exp(s/tau) / Z)
+    and ``eps`` (CRD's 1e-7 in the denominators). With K negatives per row and c = K / n:
+    l_i = -log(P_pos / (P_pos + c + eps)) - sum_k log(c / (P_k + c + eps)). The defaults (Z = 1,
+    eps = 0) give the critic h(s) = sigmoid(s/tau - log c). Only the torch backend implements it
+    (it holds the B x K scores).
     """
     temperature = _check_contrastive_inputs(
         query, positive, negatives, temperature, weights, neg_index, normalize, reduction
     )
     num_data = check_int("num_data", num_data, minimum=1)
-    rows = reference.nce_rows(query, positive, negatives, neg_index, temperature, normalize, num_data)
+    normalizer = check_real("normalizer", normalizer, positive=True)
+    eps = check_real("eps", eps, nonneg=True)
+    _, fn = backends.resolve("nce_rows", query.device, backend)
+    rows = fn(query, positive, negatives, neg_index, temperature, normalize, num_data, normalizer, eps)
     return weighted_reduce(rows, weights, reduction)
 
 

@@ -6,6 +6,8 @@ Inputs are assumed validated (see ``gacd_fast.functional``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -81,11 +83,16 @@ def nce_rows(
     temperature: float,
     normalize: bool,
     num_data: int,
+    normalizer: float = 1.0,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    """CRD's NCE critic per row [B]: h(s) = sigmoid(s/tau - log(K/num_data)), K negatives a row.
+    """CRD's NCE loss per row [B] (accumulation dtype), materialising the B x K scores.
 
-    l_i = -log h(s_pos_i) - sum_k log(1 - h(s_ik)) = softplus(c - s_pos_i/tau) + sum_k softplus(s_ik/tau - c)
-    with c = log(K / num_data). Materialises B x K (plain autograd).
+    With P(s) = exp(s/tau) / Z (Z = ``normalizer``), c = K / num_data (K negatives a row) and CRD's
+    ``eps`` in the denominators:
+        l_i = -log(P_pos / (P_pos + c + eps)) - sum_k log(c / (P_k + c + eps))
+            = softplus(b - s_pos/tau) + sum_k softplus(s_k/tau - b) + K log1p(eps / c),
+    b = log(Z (c + eps)). Z = 1, eps = 0 is the critic h(s) = sigmoid(s/tau - log c).
     """
     acc = acc_dtype(query.dtype)
     q, p, n = (t.to(acc) for t in (query, positive, negatives))
@@ -95,9 +102,11 @@ def nce_rows(
         s_neg = q @ n.t() / temperature
     else:
         s_neg = torch.einsum("bd,bmd->bm", q, n[neg_index.long()]) / temperature
-    c = torch.log(torch.tensor(s_neg.shape[1] / num_data, dtype=acc, device=q.device))
+    k = s_neg.shape[1]
+    c = k / num_data
+    b = math.log(normalizer) + math.log(c + eps)
     s_pos = (q * p).sum(-1) / temperature
-    return F.softplus(c - s_pos) + F.softplus(s_neg - c).sum(1)
+    return F.softplus(b - s_pos) + F.softplus(s_neg - b).sum(1) + k * math.log1p(eps / c)
 
 
 def _per_sample(v: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
