@@ -22,14 +22,14 @@ if os.environ.get("GACD_FAST_BUILD_EXT", "") == "1":
     from torch.utils import cpp_extension
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gacd_fast.ops import cext_backend  # one place for the flags and the toolkit lookup
+    from gacd_fast.ops import cext_build  # one place for the flags and the toolkit lookup
 
-    with_cuda = cext_backend._with_cuda()
+    with_cuda = cext_build.builds_cuda()
     if with_cuda:
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cext_backend.find_cuda_home()
-    sources = [os.path.relpath(f) for f in cext_backend.sources(with_cuda)]
-    args = {"extra_compile_args": {"cxx": cext_backend.CXX_FLAGS, "nvcc": cext_backend.CUDA_FLAGS},
-            "extra_link_args": cext_backend.LD_FLAGS}
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cext_build.find_cuda_home()
+    sources = [os.path.relpath(f) for f in cext_build.sources(with_cuda)]
+    args = {"extra_compile_args": {"cxx": cext_build.CXX_FLAGS, "nvcc": cext_build.CUDA_FLAGS},
+            "extra_link_args": cext_build.LD_FLAGS}
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext_kwargs = {"ext_modules": [make("gacd_fast._C", sources, **args)],
                   "cmdclass": {"build_ext": cpp_extension.BuildExtension}}

@@ -171,8 +171,8 @@ def _run(args):
 
 def _nvcc() -> str | None:
     """nvcc on PATH, else under the CUDA home the extension builds with (as tests/test_cext_nvcc.py)."""
-    from gacd_fast.ops import cext_backend
-    home = cext_backend.find_cuda_home()
+    from gacd_fast.ops import cext_build
+    home = cext_build.find_cuda_home()
     found = shutil.which("nvcc") or (str(Path(home, "bin", "nvcc")) if home else None)
     return found if found and Path(found).exists() else None
 

@@ -10,8 +10,9 @@
 
 namespace gacd_fast {
 
-// F.normalize's eps: x / max(||x||, eps).
+// F.normalize's eps: x / max(||x||, eps) (gacd_fast/_numerics.py: NORM_EPS).
 constexpr double kNormEps = 1e-12;
+constexpr float kLog2eF = 1.44269504088896341f;  // log2(e): exp(x) = exp2(x * log2(e))
 
 // Accumulation dtype: double for double inputs, float for float/half/bfloat16.
 inline at::ScalarType acc_type(at::ScalarType t) {

@@ -1,7 +1,9 @@
-// The gacd_fast operator library: every op's schema, defined once, and the argument checks shared
-// by the CPU and CUDA kernels. Implementations register per device in cpu/*.cpp and cuda/*.cu;
-// fake (meta) kernels and autograd formulas are registered from Python
-// (gacd_fast/ops/cext_backend.py).
+// The argument checks shared by the CPU and CUDA kernels of the gacd_fast operator library.
+// The ops' schemas, fake (meta) kernels and autograd formulas are defined once, in Python, by each
+// op's module in gacd_fast/ops/ (the Triton backend uses the same ones); gacd_fast/ops/cext_backend.py
+// defines them in the gacd_fast namespace before this library is loaded. The kernels register per
+// device with TORCH_LIBRARY_IMPL in cpu/*.cpp and cuda/*.cu, and torch checks each kernel's C++
+// signature against the schema when it registers.
 #include <torch/library.h>
 
 #include <cmath>
@@ -153,21 +155,3 @@ void check_info_nce_backward(const at::Tensor& grad, const at::Tensor& query, co
 }
 
 }  // namespace gacd_fast
-
-TORCH_LIBRARY(gacd_fast, m) {
-  // In place on x_adv. alpha/eps: a per-sample tensor [B] when given, else the float.
-  m.def("pgd_step_(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? alpha_t, float alpha, Tensor? eps_t, "
-        "float eps, float clip_min, float clip_max, str norm) -> ()");
-  m.def("normalize(Tensor x) -> Tensor");
-  m.def("normalize_backward(Tensor grad, Tensor x) -> Tensor");
-  m.def("cosine_similarity(Tensor a, Tensor b) -> Tensor");
-  m.def("cosine_similarity_backward(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)");
-  // Returns (loss [B], lse [B] over {s_pos} U negatives, dq_neg): dq_neg is
-  // d lse / d q_hat from the negatives ([B, D], accumulation dtype) when compute_dq, else empty.
-  m.def("info_nce_forward(Tensor query, Tensor positive, Tensor negatives, Tensor? neg_index, float temperature, "
-        "bool normalize, bool compute_dq) -> (Tensor, Tensor, Tensor)");
-  // Returns (d query, d positive, d negatives), each empty where not asked for.
-  m.def("info_nce_backward(Tensor grad, Tensor query, Tensor positive, Tensor? negatives, Tensor? neg_index, "
-        "Tensor lse, Tensor? dq_neg, float temperature, bool normalize, bool need_query, bool need_positive, "
-        "bool need_negatives) -> (Tensor, Tensor, Tensor)");
-}

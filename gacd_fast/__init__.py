@@ -9,7 +9,7 @@ map_kernels_package()
 from ._checks import set_value_checks
 from .attacks import FGSM, PGD
 from .backends import available_backends, get_backend, set_backend
-from .functional import cosine_similarity, info_nce, nce_loss, normalize, pgd_random_start, pgd_step_
+from .functional import cosine_similarity, info_nce, l2_normalize, nce_loss, pgd_random_start, pgd_step_
 from .loss import Embed, GACDLoss
 from .memory import FeatureQueue, MemoryBank
 from .weighting import teacher_weights
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GACDLoss", "Embed", "MemoryBank", "FeatureQueue", "teacher_weights",
     "PGD", "FGSM",
-    "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "pgd_random_start",
+    "info_nce", "nce_loss", "cosine_similarity", "l2_normalize", "pgd_step_", "pgd_random_start",
     "set_backend", "get_backend", "available_backends", "set_value_checks",
 ]

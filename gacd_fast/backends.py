@@ -1,7 +1,7 @@
 """Backend registry: which implementation of the ops runs for a given call.
 
-A backend is a module that defines the ops (``info_nce_rows``, ``normalize``,
-``cosine_similarity``, ``pgd_step_``; a backend may leave some out) and
+A backend is a module that defines the ops (``info_nce_rows``, ``nce_rows``, ``l2_normalize``,
+``cosine_similarity``, ``pgd_step_``, ``pgd_random_start``; a backend may leave some out) and
 ``unavailable_reason(device, auto) -> str | None``. Modules are imported on first use, so a missing
 dependency (no triton, an unbuilt extension) only makes that backend unavailable.
 

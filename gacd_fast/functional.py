@@ -31,7 +31,7 @@ REDUCTIONS = ("none", "sum", "mean")
 NORMS = ("linf", "l2")
 
 __all__ = [
-    "info_nce", "nce_loss", "cosine_similarity", "normalize", "pgd_step_", "pgd_random_start", "weighted_reduce",
+    "info_nce", "nce_loss", "cosine_similarity", "l2_normalize", "pgd_step_", "pgd_random_start", "weighted_reduce",
 ]
 
 
@@ -162,12 +162,12 @@ def nce_loss(
     return weighted_reduce(rows, weights, reduction)
 
 
-def normalize(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """[N, D] -> [N, D] rows divided by max(||row||_2, 1e-12), in ``x.dtype`` (computed in float32/64,
+def l2_normalize(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """[N, D] -> [N, D] rows divided by max(||row||_2, NORM_EPS = 1e-12), in ``x.dtype`` (computed in float32/64,
     overflow-safe: any finite row normalises, whatever its magnitude). N, D >= 1."""
     check_tensor("x", x, ndim=2)
     check_nonempty("x", x, (0, 1))
-    _, fn = backends.resolve("normalize", x.device, backend)
+    _, fn = backends.resolve("l2_normalize", x.device, backend)
     return fn(x)
 
 

@@ -11,8 +11,6 @@ import os
 import torch
 import triton
 
-LIB = "gacd_triton"  # torch.library namespace of every op in this package
-
 _tf32: bool | None = None
 
 

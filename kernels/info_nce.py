@@ -34,12 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LIB, cdiv, dot_precision, interpreting, pow2, sm_count, upcast_dot
+from ._common import cdiv, dot_precision, interpreting, pow2, sm_count, upcast_dot
+from gacd_fast._numerics import LN2, LOG2E
+
 from .similarity import normalize_backward, row_inv_norms
 
-LOG2E_F = 1.4426950408889634  # log2(e) for the host; LOG2E/LN2 are the kernels' constexprs
-LOG2E = tl.constexpr(LOG2E_F)
-LN2 = tl.constexpr(0.6931471805599453)
+# exp(x) = exp2(x * LOG2E): the kernels' scale is 1/tau * LOG2E (host floats here, constexprs in kernels)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
 MAX_RESIDENT_D = 256  # up to this width a program keeps its whole q (or bank) tile for the whole loop
 
 
@@ -257,8 +259,8 @@ def _combine_kernel(q_ptr, p_ptr, rq_ptr, rp_ptr, m_ptr, l_ptr, loss_ptr, lse_pt
             tl.where(pm, ls * tl.exp2(_finite_shift(ms) - sh[:, None]), 0.0), axis=1)
         m = m_new
     lse2 = _finite_shift(m) + tl.log2(l)
-    tl.store(lse_ptr + rows, lse2 * LN2, mask=rmask)
-    tl.store(loss_ptr + rows, (lse2 - t_pos) * LN2, mask=rmask)
+    tl.store(lse_ptr + rows, lse2 * LN2_C, mask=rmask)
+    tl.store(loss_ptr + rows, (lse2 - t_pos) * LN2_C, mask=rmask)
 
 
 @triton.jit
@@ -277,7 +279,7 @@ def _dq_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
     rq = tl.load(rq_ptr + row0 + rr, mask=rmask, other=1.0)
     pq = _pow2_prescale(rq)
     rowf = rq / pq * scale2
-    lse2 = tl.load(lse_ptr + row0 + rr, mask=rmask, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + row0 + rr, mask=rmask, other=0.0) * LOG2E_C
     gs = tl.load(g_ptr + row0 + rr, mask=rmask, other=0.0) * scale
     qt = tl.zeros([BLOCK_M, BLOCK_D], dtype=DOT_T)
     if RESIDENT:
@@ -314,7 +316,7 @@ def _dq_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out
     rq = tl.load(rq_ptr + row)
     pq = _pow2_prescale(rq)
     rowf = rq / pq * scale2
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    lse2 = tl.load(lse_ptr + row) * LOG2E_C
     gs = tl.load(g_ptr + row) * scale
     qv = tl.zeros([BLOCK_D], dtype=tl.float32)
     if RESIDENT:
@@ -370,7 +372,7 @@ def _dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
         st, qt = _bank_scores(nt, n_ptr, c0, ncols, pn, q_ptr, i0, nrows, D, DOT_T, BLOCK_N, BLOCK_M, BLOCK_D,
                               RESIDENT, DOT_PREC)
         rq = tl.load(rq_ptr + i0 + rr, mask=rmask, other=0.0)
-        lse2 = tl.load(lse_ptr + i0 + rr, mask=rmask, other=0.0) * LOG2E
+        lse2 = tl.load(lse_ptr + i0 + rr, mask=rmask, other=0.0) * LOG2E_C
         gs = tl.load(g_ptr + i0 + rr, mask=rmask, other=0.0) * scale
         p = tl.exp2(st * rq[None, :] * colf[:, None] - lse2[None, :])
         w = tl.where(cmask[:, None] & rmask[None, :], p * (gs * rq)[None, :], 0.0)
@@ -528,7 +530,7 @@ def _forward(q, p, n, idx, scale, normalize, compute_dq):
     (the bank's part of d loss_i / d q^_i before the row weight), else an empty tensor."""
     B, D = q.shape
     rq, rp, rn = _norms(q, normalize), _norms(p, normalize), _norms(n, normalize)
-    scale2 = scale * LOG2E_F
+    scale2 = scale * LOG2E
     resident = D <= MAX_RESIDENT_D
     with_dq = compute_dq and resident  # wider rows: dq by the backward kernel, still in forward
     if idx is None:
@@ -564,7 +566,7 @@ def _forward(q, p, n, idx, scale, normalize, compute_dq):
     )
     dq_neg = torch.empty(0, dtype=torch.float32, device=q.device)
     if with_dq:  # partials relative to 2^shift(m_s): merge in a fixed order, normalised by the LSE
-        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :] * LOG2E_F)
+        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :] * LOG2E)
         dq_neg = (w[:, :, None] * acc).sum(0) * scale
     elif compute_dq:
         dq_neg, _ = _dq_neg(q, n, idx, rq, rn, lse, torch.ones_like(lse), scale, want_coef=False)
@@ -575,26 +577,22 @@ def _contig(*ts):
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
-@torch.library.custom_op(f"{LIB}::info_nce_fwd", mutates_args=())
-def _info_nce_fwd(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                  neg_index: Optional[torch.Tensor], scale: float, normalize: bool,
-                  compute_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, neg_index: Optional[torch.Tensor],
+            temperature: float, normalize: bool, compute_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``info_nce_forward`` kernel (schema and meaning: gacd_fast/ops/info_nce.py).
+
+    query, positive [B, D] and negatives [K, D] in one of fp16/bf16/fp32; neg_index None or
+    int32/int64 [B, M]. Returns loss [B], lse [B] (fp32) and dq_neg [B, D] fp32 (empty unless
+    ``compute_dq``).
+    """
     q, p, n, idx = _contig(query, positive, negatives, neg_index)
-    return _forward(q, p, n, idx, scale, normalize, compute_dq)
-
-
-@_info_nce_fwd.register_fake
-def _(query, positive, negatives, neg_index, scale, normalize, compute_dq):
-    B = query.shape[0]
-    dq_shape = tuple(query.shape) if compute_dq else (0,)
-    return (query.new_empty(B, dtype=torch.float32), query.new_empty(B, dtype=torch.float32),
-            query.new_empty(dq_shape, dtype=torch.float32))
+    return _forward(q, p, n, idx, 1.0 / temperature, normalize, compute_dq)
 
 
 def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = True):
     """sum_j g_i P_ij n^_j / tau [B, D] fp32 (None if not ``want_dq``), and the gather-mode coef."""
     B, D = q.shape
-    scale2 = scale * LOG2E_F
+    scale2 = scale * LOG2E
     resident = D <= MAX_RESIDENT_D
     coef = None
     if idx is None:
@@ -630,22 +628,19 @@ def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = T
     return dq, coef
 
 
-@torch.library.custom_op(f"{LIB}::info_nce_bwd_qp", mutates_args=())
-def _info_nce_bwd_qp(grad: torch.Tensor, query: torch.Tensor, positive: torch.Tensor,
-                     negatives: Optional[torch.Tensor], neg_index: Optional[torch.Tensor], loss: torch.Tensor,
-                     lse: torch.Tensor, dq_neg: Optional[torch.Tensor], scale: float, normalize: bool,
-                     need_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """dq, dp. ``dq_neg`` (from forward, the bank then is not needed and may be None) or recomputed."""
-    q, p, n, idx, g, lse = _contig(query, positive, negatives, neg_index, grad.to(torch.float32), lse)
+def _grad_query_positive(g, q, p, n, idx, lse, dq_neg, scale, normalize, need_q):
+    """(dq or None, dp): the positive column's terms plus, for dq, the bank's part (``dq_neg`` from
+    the forward when given, else recomputed from the stored LSE)."""
     rq, rp = _norms(q, normalize), _norms(p, normalize)
-    # positive column: dl/ds_pos = P_pos - 1 with P_pos = exp(s_pos - lse) = exp(-loss)
-    cpos = (g * scale * torch.expm1(-loss))[:, None]
     qh, ph = q.float() * rq[:, None], p.float() * rp[:, None]  # B x D normalised rows (not the bank)
+    # positive column: dl/ds_pos = P_pos - 1 with P_pos = exp(s_pos - lse)
+    s_pos = (qh * ph).sum(1) * scale
+    cpos = (g * scale * torch.expm1(s_pos - lse))[:, None]
     dph = cpos * qh
     dp = normalize_backward(p, dph) if normalize else dph.to(p.dtype)
     if not need_q:
-        return torch.zeros_like(q), dp
-    if dq_neg is not None:
+        return None, dp
+    if dq_neg is not None and dq_neg.numel() > 0:
         dqh = g[:, None] * dq_neg
     else:
         rn = _norms(n, normalize)
@@ -655,17 +650,8 @@ def _info_nce_bwd_qp(grad: torch.Tensor, query: torch.Tensor, positive: torch.Te
     return dq, dp
 
 
-@_info_nce_bwd_qp.register_fake
-def _(grad, query, positive, negatives, neg_index, loss, lse, dq_neg, scale, normalize, need_q):
-    return (torch.empty_like(query, memory_format=torch.contiguous_format),
-            torch.empty_like(positive, memory_format=torch.contiguous_format))
-
-
-@torch.library.custom_op(f"{LIB}::info_nce_bwd_n", mutates_args=())
-def _info_nce_bwd_n(grad: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor,
-                    neg_index: Optional[torch.Tensor], lse: torch.Tensor, scale: float,
-                    normalize: bool) -> torch.Tensor:
-    q, n, idx, g, lse = _contig(query, negatives, neg_index, grad.to(torch.float32), lse)
+def _grad_negatives(g, q, n, idx, lse, scale, normalize):
+    """d negatives [K, D] in the bank's dtype: one owner per bank row (block), no atomics."""
     B, D = q.shape
     K = n.shape[0]
     rq, rn = _norms(q, normalize), _norms(n, normalize)
@@ -675,7 +661,7 @@ def _info_nce_bwd_n(grad: torch.Tensor, query: torch.Tensor, negatives: torch.Te
         if interpreting():
             t = t._replace(block_n=min(t.block_n, 128))
         _dn_bank_kernel[(cdiv(K, t.block_n), cdiv(D, t.block_d))](
-            q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E_F, scale,
+            q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E, scale,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=D <= MAX_RESIDENT_D,
             **dot_types(q.dtype), **_launch(t),
         )
@@ -706,49 +692,19 @@ def segment_tile(D: int) -> Tile:
     return Tile(32, 32, bd, 4, 2)
 
 
-@_info_nce_bwd_n.register_fake
-def _(grad, query, negatives, neg_index, lse, scale, normalize):
-    return torch.empty_like(negatives, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    query, positive, negatives, neg_index, scale, normalize, _compute_dq = inputs
-    loss, lse, dq_neg = output
-    have_dq = dq_neg.numel() > 0
-    # with dq from forward a bank without grad is not saved: no reference kept, in-place bank
-    # updates after forward stay safe
-    keep_bank = negatives.requires_grad or not have_dq
-    ctx.save_for_backward(query, positive, negatives if keep_bank else None, neg_index, loss, lse,
-                          dq_neg if have_dq else None)
-    ctx.scale, ctx.normalize = scale, normalize
-
-
-def _backward(ctx, grad_loss, _grad_lse, _grad_dq):
-    # lse and dq_neg are internal outputs (the public function returns only the loss): grads ignored
-    query, positive, negatives, neg_index, loss, lse, dq_neg = ctx.saved_tensors
-    need_q, need_p, need_n = ctx.needs_input_grad[:3]
+def backward(grad: torch.Tensor, query: torch.Tensor, positive: torch.Tensor, negatives: Optional[torch.Tensor],
+             neg_index: Optional[torch.Tensor], lse: torch.Tensor, dq_neg: Optional[torch.Tensor], temperature: float,
+             normalize: bool, need_query: bool, need_positive: bool,
+             need_negatives: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``info_nce_backward`` kernels (schema and meaning: gacd_fast/ops/info_nce.py): d query,
+    d positive, d negatives in the inputs' dtypes, each empty where not asked for. ``negatives`` may
+    be None when ``dq_neg`` (from the forward) is given and its gradient is not asked for."""
+    scale = 1.0 / temperature
+    q, p, n, idx, g, lse = _contig(query, positive, negatives, neg_index, grad.to(torch.float32), lse)
     dq = dp = dn = None
-    if need_q or need_p:
-        dq, dp = torch.ops.gacd_triton.info_nce_bwd_qp(
-            grad_loss, query, positive, negatives, neg_index, loss, lse, dq_neg, ctx.scale, ctx.normalize, need_q)
-    if need_n:
-        dn = torch.ops.gacd_triton.info_nce_bwd_n(grad_loss, query, negatives, neg_index, lse, ctx.scale, ctx.normalize)
-    return (dq if need_q else None), (dp if need_p else None), dn, None, None, None, None
-
-
-_info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def info_nce_rows(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                  neg_index: Optional[torch.Tensor], temperature: float, normalize: bool) -> torch.Tensor:
-    """Unweighted per-row InfoNCE loss [B] fp32.
-
-    query, positive [B, D] and negatives [K, D] in one of fp16/bf16/fp32; neg_index None (every row
-    against the whole bank) or int32/int64 [B, M]. Differentiable w.r.t. query, positive, negatives.
-    When the bank needs no gradient and the query does (the memory-bank case), forward also computes
-    the bank's part of dq and backward only scales it: the bank is read once and not saved.
-    """
-    compute_dq = torch.is_grad_enabled() and query.requires_grad and not negatives.requires_grad
-    loss, _, _ = torch.ops.gacd_triton.info_nce_fwd(query, positive, negatives, neg_index, 1.0 / temperature,
-                                                    normalize, compute_dq)
-    return loss
+    if need_query or need_positive:
+        dq, dp = _grad_query_positive(g, q, p, n, idx, lse, dq_neg, scale, normalize, need_query)
+    if need_negatives:
+        dn = _grad_negatives(g, q, n, idx, lse, scale, normalize)
+    return (dq if need_query else q.new_empty(0), dp if need_positive else q.new_empty(0),
+            dn if need_negatives else q.new_empty(0))

@@ -1,4 +1,4 @@
-"""Fused PGD step (linf, l2) and the linf random start, registered as torch.library ops.
+"""Fused PGD step (linf, l2) and the linf random start: kernels and launchers.
 
 linf mirrors the reference (torchattacks' order) op for op, rounding to the image dtype after each
 torch op, so float32 results are bitwise equal:
@@ -9,7 +9,8 @@ l2 is three-phase: per-sample partial reductions (max |grad|, then the sum of sq
 grad, then of the stepped perturbation) are written per (sample, chunk) and reduced in a fixed order
 by torch, then one elementwise pass applies step, projection and clamp. The direction is the
 reference's ``l2_direction``: NaN elements count as 0, the max |grad| scaling keeps the norm from
-overflowing, and +-inf elements give the limit direction. float64 images use the torch reference (Triton math here is fp32).
+overflowing, and +-inf elements give the limit direction. Math is fp32: the backend sends float64
+images elsewhere.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LIB, cdiv, interpreting, pow2
+from ._common import cdiv, interpreting, pow2
 
 
 @triton.jit
@@ -167,10 +168,11 @@ def _per_sample_f32(v: Optional[torch.Tensor], f: float, batch: int, device: tor
     return torch.full((batch,), f, dtype=torch.float32, device=device)
 
 
-def _pgd_launch(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha_t: Optional[torch.Tensor],
-                alpha_f: float, eps_t: Optional[torch.Tensor], eps_f: float, clip_min: float, clip_max: float,
-                norm: str) -> None:
-    """Update ``x_adv`` [B, ...] (fp16/bf16/fp32) in place. Tensors alpha_t/eps_t [B] override the floats."""
+def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha_t: Optional[torch.Tensor],
+              alpha: float, eps_t: Optional[torch.Tensor], eps: float, clip_min: float, clip_max: float,
+              norm: str) -> None:
+    """The ``pgd_step_`` kernel (schema: gacd_fast/ops/pgd_step.py): one step in place on ``x_adv``
+    [B, ...] (fp16/bf16/fp32; ``grad``, ``x_nat`` alike). Tensors alpha_t/eps_t [B] override the floats."""
     x = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
     g = grad.contiguous()
     nat = x_nat.contiguous()
@@ -185,13 +187,13 @@ def _pgd_launch(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, al
         block = _elementwise_block(numel)
         _pgd_linf_kernel[(cdiv(numel, block),)](
             x, g, nat, a_t if a_t is not None else x, e_t if e_t is not None else x,
-            float(alpha_f), float(eps_f), lo, hi, numel, row_len,
+            float(alpha), float(eps), lo, hi, numel, row_len,
             ALPHA_T=a_t is not None, EPS_T=e_t is not None, BLOCK=block,
         )
     else:
         # l2: the reference converts tensor alpha/eps to the accumulation dtype (fp32), not the image dtype
-        a32 = _per_sample_f32(alpha_t, alpha_f, batch, x.device)
-        e32 = _per_sample_f32(eps_t, eps_f, batch, x.device)
+        a32 = _per_sample_f32(alpha_t, alpha, batch, x.device)
+        e32 = _per_sample_f32(eps_t, eps, batch, x.device)
         block = _row_block(row_len)
         chunks = cdiv(row_len, block)
         part = torch.empty((batch, chunks), dtype=torch.float32, device=x.device)
@@ -207,35 +209,12 @@ def _pgd_launch(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, al
         x_adv.copy_(x)
 
 
-@torch.library.custom_op(f"{LIB}::pgd_step_", mutates_args=("x_adv",))
-def _pgd_step_op(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha_t: Optional[torch.Tensor],
-                 alpha_f: float, eps_t: Optional[torch.Tensor], eps_f: float, clip_min: float, clip_max: float,
-                 norm: str) -> None:
-    if x_adv.dtype == torch.float64:  # Triton math here is fp32: float64 images use the reference
-        from gacd_fast.ops import reference
+def linf_random_start(x_nat: torch.Tensor, eps_t: Optional[torch.Tensor], eps: float, seed: int) -> torch.Tensor:
+    """The ``linf_random_start`` kernel: clamp(x_nat + U(-eps, eps), 0, 1) as a new tensor like
+    ``x_nat`` [B, ...] (fp16/bf16/fp32); ``eps_t`` [B] overrides ``eps``.
 
-        reference.pgd_step_(x_adv, grad, x_nat, alpha_t if alpha_t is not None else alpha_f,
-                            eps_t if eps_t is not None else eps_f, clip_min, clip_max, norm)
-        return
-    _pgd_launch(x_adv, grad, x_nat, alpha_t, alpha_f, eps_t, eps_f, clip_min, clip_max, norm)
-
-
-@_pgd_step_op.register_fake
-def _(x_adv, grad, x_nat, alpha_t, alpha_f, eps_t, eps_f, clip_min, clip_max, norm) -> None:
-    return None
-
-
-def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha: float | torch.Tensor,
-              eps: float | torch.Tensor, clip_min: float, clip_max: float, norm: str) -> torch.Tensor:
-    """One PGD step in place on ``x_adv`` [B, ...] (grad, x_nat alike); alpha/eps floats or [B]."""
-    a_t, a_f = (alpha, 0.0) if isinstance(alpha, torch.Tensor) else (None, float(alpha))
-    e_t, e_f = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
-    torch.ops.gacd_triton.pgd_step_(x_adv, grad, x_nat, a_t, a_f, e_t, e_f, float(clip_min), float(clip_max), norm)
-    return x_adv
-
-
-@torch.library.custom_op(f"{LIB}::linf_random_start", mutates_args=())
-def _linf_random_start_op(x_nat: torch.Tensor, eps_t: Optional[torch.Tensor], eps_f: float, seed: int) -> torch.Tensor:
+    The noise is Philox keyed by (seed, flat element index): the same seed gives the same result.
+    """
     x = x_nat.contiguous()
     out = torch.empty_like(x)
     numel = x.numel()
@@ -243,21 +222,7 @@ def _linf_random_start_op(x_nat: torch.Tensor, eps_t: Optional[torch.Tensor], ep
     e_t = eps_t.to(torch.float32).contiguous() if eps_t is not None else None
     block = _elementwise_block(numel)
     _linf_random_start_kernel[(cdiv(numel, block),)](
-        x, out, e_t if e_t is not None else x, float(eps_f), int(seed), numel, row_len,
+        x, out, e_t if e_t is not None else x, float(eps), int(seed), numel, row_len,
         EPS_T=e_t is not None, BLOCK=block,
     )
     return out
-
-
-@_linf_random_start_op.register_fake
-def _(x_nat, eps_t, eps_f, seed):
-    return torch.empty_like(x_nat, memory_format=torch.contiguous_format)
-
-
-def linf_random_start(x_nat: torch.Tensor, eps: float | torch.Tensor, seed: int) -> torch.Tensor:
-    """clamp(x_nat + U(-eps, eps), 0, 1) as a new tensor like ``x_nat`` [B, ...] (fp16/bf16/fp32).
-
-    The noise is Philox keyed by (seed, flat element index): the same seed gives the same result.
-    """
-    e_t, e_f = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, float(eps))
-    return torch.ops.gacd_triton.linf_random_start(x_nat, e_t, e_f, int(seed))

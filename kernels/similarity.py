@@ -1,6 +1,6 @@
-"""Row L2-normalisation and row-wise cosine similarity, forward and backward, as torch.library ops.
+"""Row L2-normalisation and row-wise cosine similarity, forward and backward: kernels and launchers.
 
-``F.normalize`` semantics: y = x / max(||x||, 1e-12) with the norm in fp32, computed as
+``F.normalize`` semantics: y = x / max(||x||, NORM_EPS) with the norm in fp32, computed as
 max|x| * sqrt(sum (x / max|x|)^2) so that finite rows of any magnitude (norms up to ~1e38) give
 finite results; backward
 dx = (dy - y (y.dy)) / ||x|| where ||x|| > eps, dy / eps elsewhere (the clamp has no gradient).
@@ -15,9 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LIB, cdiv, interpreting, pow2
+from gacd_fast._numerics import NORM_EPS as _NORM_EPS
 
-NORM_EPS = tl.constexpr(1e-12)  # F.normalize eps (a constexpr global: kernels read it)
+from ._common import cdiv, interpreting, pow2
+
+NORM_EPS = tl.constexpr(_NORM_EPS)  # F.normalize's eps, as a constexpr global the kernels can read
 
 
 @triton.jit
@@ -181,7 +183,7 @@ def _launch_rows(kernel, n_rows: int, d: int, *args) -> None:
 
 
 def row_inv_norms(x: torch.Tensor) -> torch.Tensor:
-    """[N, D] (contiguous, fp16/bf16/fp32) -> [N] fp32 1 / max(||x_i||, 1e-12). Not differentiable."""
+    """[N, D] (contiguous, fp16/bf16/fp32) -> [N] fp32 1 / max(||x_i||, NORM_EPS). Not differentiable."""
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     _launch_rows(_inv_norm_kernel, x.shape[0], x.shape[1], x, out)
     return out
@@ -195,86 +197,32 @@ def normalize_backward(x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype
     return dx
 
 
-@torch.library.custom_op(f"{LIB}::normalize", mutates_args=())
-def _normalize_op(x: torch.Tensor) -> torch.Tensor:
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """The ``l2_normalize`` kernel: [N, D] fp16/bf16/fp32 -> [N, D] rows / max(||row||, NORM_EPS) in
+    ``x.dtype`` (norm in fp32)."""
     x = x.contiguous()
     y = torch.empty_like(x)
     _launch_rows(_normalize_fwd_kernel, x.shape[0], x.shape[1], x, y)
     return y
 
 
-@_normalize_op.register_fake
-def _(x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def l2_normalize_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The ``l2_normalize_backward`` kernel: d x [N, D] in ``x.dtype`` from the output's ``grad``."""
+    return normalize_backward(x, grad, x.dtype)
 
 
-@torch.library.custom_op(f"{LIB}::normalize_bwd", mutates_args=())
-def _normalize_bwd_op(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return normalize_backward(x, dy, x.dtype)
-
-
-@_normalize_bwd_op.register_fake
-def _(x, dy):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _normalize_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _normalize_grad(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return torch.ops.gacd_triton.normalize_bwd(x, dy)
-
-
-_normalize_op.register_autograd(_normalize_grad, setup_context=_normalize_setup)
-
-
-@torch.library.custom_op(f"{LIB}::cosine_similarity", mutates_args=())
-def _cosine_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The ``cosine_similarity`` kernel: [B, D], [B, D] (fp16/bf16/fp32) -> [B] fp32 cosine of the
+    L2-normalised rows."""
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
     _launch_rows(_cosine_fwd_kernel, a.shape[0], a.shape[1], a, b, out)
     return out
 
 
-@_cosine_op.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op(f"{LIB}::cosine_similarity_bwd", mutates_args=())
-def _cosine_bwd_op(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b, g = a.contiguous(), b.contiguous(), g.contiguous()
+def cosine_similarity_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``cosine_similarity_backward`` kernel: (d a, d b) in the inputs' dtypes from ``grad`` [B]."""
+    a, b, g = a.contiguous(), b.contiguous(), grad.contiguous()
     da, db = torch.empty_like(a), torch.empty_like(b)
     _launch_rows(_cosine_bwd_kernel, a.shape[0], a.shape[1], a, b, g, da, db)
     return da, db
-
-
-@_cosine_bwd_op.register_fake
-def _(a, b, g):
-    return (torch.empty_like(a, memory_format=torch.contiguous_format),
-            torch.empty_like(b, memory_format=torch.contiguous_format))
-
-
-def _cosine_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _cosine_grad(ctx, g):
-    a, b = ctx.saved_tensors
-    da, db = torch.ops.gacd_triton.cosine_similarity_bwd(a, b, g)
-    return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None)
-
-
-_cosine_op.register_autograd(_cosine_grad, setup_context=_cosine_setup)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """[N, D] fp16/bf16/fp32 -> [N, D] rows / max(||row||, 1e-12) in ``x.dtype`` (norm in fp32)."""
-    return torch.ops.gacd_triton.normalize(x)
-
-
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B, D], [B, D] (fp16/bf16/fp32) -> [B] fp32 cosine of the L2-normalised rows."""
-    return torch.ops.gacd_triton.cosine_similarity(a, b)

@@ -31,7 +31,7 @@ def _bank(k=6, d=4, seed=0):
 def test_empty_rows_are_a_value_error(backend, shape):
     x = torch.randn(*shape)
     with pytest.raises(ValueError, match="x must have a non-empty dim"):
-        gacd_fast.normalize(x, backend=backend)
+        gacd_fast.l2_normalize(x, backend=backend)
     with pytest.raises(ValueError, match="a must have a non-empty dim"):
         gacd_fast.cosine_similarity(x, x, backend=backend)
 
@@ -42,9 +42,9 @@ c.load()
 ops = torch.ops.gacd_fast
 e, x = torch.randn(4, 0), torch.randn(4, 3)
 calls = [
-    lambda: ops.normalize(e), lambda: ops.normalize(torch.randn(0, 3)),
-    lambda: ops.normalize_backward(e, e), lambda: ops.normalize_backward(x.long(), x),
-    lambda: ops.normalize_backward(x[:2], x),
+    lambda: ops.l2_normalize(e), lambda: ops.l2_normalize(torch.randn(0, 3)),
+    lambda: ops.l2_normalize_backward(e, e), lambda: ops.l2_normalize_backward(x.long(), x),
+    lambda: ops.l2_normalize_backward(x[:2], x),
     lambda: ops.cosine_similarity(e, e), lambda: ops.cosine_similarity_backward(torch.ones(4), e, e),
     lambda: ops.cosine_similarity_backward(torch.ones(3), x, x),
     lambda: ops.info_nce_forward(e, e, e, None, 0.1, True, False),
@@ -135,7 +135,7 @@ def test_torch_second_order_with_negatives_requiring_grad_matches_reference():
 @pytest.mark.parametrize("op", ["normalize", "cosine_similarity"])
 def test_cext_similarity_second_order_refused(op):
     a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    out = gacd_fast.normalize(a, backend="cext") if op == "normalize" else gacd_fast.cosine_similarity(a, a, backend="cext")
+    out = gacd_fast.l2_normalize(a, backend="cext") if op == "normalize" else gacd_fast.cosine_similarity(a, a, backend="cext")
     with pytest.raises(RuntimeError, match="second-order"):
         torch.autograd.grad(out.sum(), a, create_graph=True)
 
@@ -175,7 +175,7 @@ def test_huge_rows_normalise_like_any_other(backend, scale):
     ref = reference.info_nce_rows(q_big, p, big, None, 0.07, True)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gacd_fast.normalize(q_big, backend=backend), reference.normalize(q), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gacd_fast.l2_normalize(q_big, backend=backend), reference.l2_normalize(q), rtol=1e-5, atol=1e-6)
     idx = torch.tensor([[2, 0], [1, 2], [2, 2]])
     got_i = gacd_fast.info_nce(q_big, p, big, neg_index=idx, reduction="none", backend=backend)
     torch.testing.assert_close(got_i, reference.info_nce_rows(q, p, n, idx, 0.07, True), rtol=1e-4, atol=1e-4)

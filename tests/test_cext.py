@@ -8,13 +8,13 @@ import torch
 
 import gacd_fast
 from gacd_fast import functional as gf
-from gacd_fast.ops import cext_backend, reference
+from gacd_fast.ops import cext_backend, cext_build, reference
 from tests.tolerances import assert_close
 
 
 @pytest.fixture(scope="session")
 def ops():
-    problem = cext_backend._build_problem()
+    problem = cext_build.build_problem()
     if problem is not None and not cext_backend.is_built():
         pytest.skip(f"cannot build the C++ extension here: {problem}")
     cext_backend.load()
@@ -131,25 +131,25 @@ def test_normalize_and_cosine(ops):
     for N, D in [(1, 1), (3, 31), (17, 200)]:
         a = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
         b = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(cext_backend.normalize, (a,))
+        assert torch.autograd.gradcheck(cext_backend.l2_normalize, (a,))
         assert torch.autograd.gradcheck(cext_backend.cosine_similarity, (a, b))
         a32, b32 = a.detach().float(), b.detach().float()
-        assert_close(cext_backend.normalize(a32), reference.normalize(a.detach()), torch.float32, "normalize")
+        assert_close(cext_backend.l2_normalize(a32), reference.l2_normalize(a.detach()), torch.float32, "normalize")
         cos = cext_backend.cosine_similarity(a32, b32)
         assert cos.dtype == torch.float32
         assert_close(cos, reference.cosine_similarity(a.detach(), b.detach()), torch.float32, "cosine")
     z = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)  # ||x|| < eps: x / eps
-    assert torch.equal(cext_backend.normalize(z), torch.zeros(2, 5, dtype=torch.float64))
+    assert torch.equal(cext_backend.l2_normalize(z), torch.zeros(2, 5, dtype=torch.float64))
     tiny = torch.full((2, 3), 1e-14, dtype=torch.float64, requires_grad=True)  # Jacobian I / eps there
     cot = torch.randn(2, 3, dtype=torch.float64)
-    (got,) = torch.autograd.grad(cext_backend.normalize(tiny), (tiny,), cot)
-    (want,) = torch.autograd.grad(reference.normalize(tiny), (tiny,), cot)
+    (got,) = torch.autograd.grad(cext_backend.l2_normalize(tiny), (tiny,), cot)
+    (want,) = torch.autograd.grad(reference.l2_normalize(tiny), (tiny,), cot)
     assert_close(got, want, torch.float64, "normalize backward below eps")
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(7, 19).to(dtype)
-        out = gacd_fast.normalize(x, backend="cext")
+        out = gacd_fast.l2_normalize(x, backend="cext")
         assert out.dtype == dtype
-        assert_close(out, reference.normalize(x.double()), dtype, "normalize low precision")
+        assert_close(out, reference.l2_normalize(x.double()), dtype, "normalize low precision")
 
 
 def _pgd_args(dtype, per_sample):
@@ -210,7 +210,7 @@ def test_opcheck(ops):
                            0.2, True, True, True, True))
     a = torch.randn(4, 6, requires_grad=True)
     b = torch.randn(4, 6, requires_grad=True)
-    torch.library.opcheck(ops.normalize.default, (a,))
+    torch.library.opcheck(ops.l2_normalize.default, (a,))
     torch.library.opcheck(ops.cosine_similarity.default, (a, b))
     x_nat = torch.rand(2, 3, 4)
     torch.library.opcheck(ops.pgd_step_.default,
@@ -260,7 +260,7 @@ def test_bad_inputs_raise_clear_errors(ops):
     with pytest.raises(IndexError, match=r"neg_index must hold indices in \[0, 10\)"):
         ops.info_nce_forward(q, p, n, torch.full((3, 2), 10, dtype=torch.long), 0.1, True, False)
     with pytest.raises(RuntimeError, match="must be float16/bfloat16/float32/float64"):
-        ops.normalize(torch.ones(2, 3, dtype=torch.int64))
+        ops.l2_normalize(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="must be 2-D"):
         ops.cosine_similarity(torch.ones(3), torch.ones(3))
     x = torch.rand(2, 3)
@@ -289,7 +289,7 @@ def test_backend_selection(ops):
 
 def test_auto_never_compiles(ops, tmp_path):
     """With nothing built, "auto" passes over cext quietly (no compile); explicit use would build."""
-    if cext_backend._aot_origin() is not None:
+    if cext_build.aot_library() is not None:
         pytest.skip("an ahead-of-time build is installed: cext counts as built")
     import os
     import subprocess
@@ -321,8 +321,8 @@ def test_jit_build_is_announced(ops, monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(cext_backend, "is_built", lambda: False)
-    cext_backend._jit_build(verbose=False)
+    monkeypatch.setattr(cext_build, "is_built", lambda: False)
+    cext_build._jit_build(verbose=False)
     err = capsys.readouterr().err
     assert "gacd_fast: compiling the C++" in err
     assert calls and calls[0]["is_python_module"] is False

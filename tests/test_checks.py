@@ -49,7 +49,7 @@ def test_nce_needs_num_data():
 
 def test_similarity_bad_inputs():
     with pytest.raises(ValueError, match="x must be 2-D"):
-        gacd_fast.normalize(torch.randn(2, 3, 4))
+        gacd_fast.l2_normalize(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match=r"b must have shape \(4, 8\)"):
         gacd_fast.cosine_similarity(q, q[:2])
     with pytest.raises(TypeError, match="b has dtype"):

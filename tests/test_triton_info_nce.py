@@ -150,14 +150,14 @@ def test_no_bank_sized_outputs_when_bank_frozen(device):
 def test_opcheck(device, M):
     q, p, n, idx = _inputs(3, 10, 7, M, torch.float32, device)
     ops = torch.ops.gacd_triton
-    args = (q.clone().requires_grad_(), p.clone().requires_grad_(), n.clone().requires_grad_(), idx, 1 / 0.07, True)
+    args = (q.clone().requires_grad_(), p.clone().requires_grad_(), n.clone().requires_grad_(), idx, 0.07, True)
     for compute_dq in (False, True):
-        torch.library.opcheck(ops.info_nce_fwd.default, args + (compute_dq,))
-    loss, lse, dq_neg = ops.info_nce_fwd(q, p, n, idx, 1 / 0.07, True, True)
+        torch.library.opcheck(ops.info_nce_forward.default, args + (compute_dq,))
+    loss, lse, dq_neg = ops.info_nce_forward(q, p, n, idx, 0.07, True, True)
     g = torch.rand(3, device=device)
-    torch.library.opcheck(ops.info_nce_bwd_qp.default, (g, q, p, n, idx, loss, lse, None, 1 / 0.07, True, True))
-    torch.library.opcheck(ops.info_nce_bwd_qp.default, (g, q, p, None, idx, loss, lse, dq_neg, 1 / 0.07, True, True))
-    torch.library.opcheck(ops.info_nce_bwd_n.default, (g, q, n, idx, lse, 1 / 0.07, True))
+    torch.library.opcheck(ops.info_nce_backward.default, (g, q, p, n, idx, lse, None, 0.07, True, True, True, True))
+    torch.library.opcheck(ops.info_nce_backward.default, (g, q, p, None, idx, lse, dq_neg, 0.07, True, True, True, False))
+    torch.library.opcheck(ops.info_nce_backward.default, (g, q, p, n, idx, lse, None, 0.07, True, False, False, True))
 
 
 @pytest.mark.parametrize("M", [None, 5])
@@ -169,7 +169,7 @@ def test_dq_in_forward_matches_deferred(device, M, D):
     q, p, n, idx = _inputs(6, 70, D, M, torch.float32, device)
     _check(q, p, n, idx, torch.float32, need=(True, True, False), reduction="none")
     qt = q.clone().requires_grad_()
-    loss, lse, dq_neg = torch.ops.gacd_triton.info_nce_fwd(qt, p, n, idx, 1 / 0.07, True, True)
+    loss, lse, dq_neg = torch.ops.gacd_triton.info_nce_forward(qt, p, n, idx, 0.07, True, True)
     want, _ = KN._dq_neg(q, n, idx, KN._norms(q, True), KN._norms(n, True), lse, torch.ones_like(lse), 1 / 0.07,
                          want_coef=False)
     assert_close(dq_neg, want, torch.float32, "dq_neg")

@@ -31,10 +31,10 @@ def test_normalize(device, shape, dtype):
     x = _rows(shape, dtype, device)
     dy = torch.randn(shape, device=device).to(dtype)
     xt = x.clone().requires_grad_()
-    y = gacd_fast.normalize(xt, backend="triton")
+    y = gacd_fast.l2_normalize(xt, backend="triton")
     y.backward(dy)
     xr = x.double().requires_grad_()
-    yr = R.normalize(xr)
+    yr = R.l2_normalize(xr)
     yr.backward(dy.double())
     assert y.dtype == dtype and xt.grad.dtype == dtype
     assert_close(y, yr, dtype, "normalize")
@@ -64,9 +64,9 @@ def test_zero_rows(device):
     x[1] = 0
     xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
     dy = torch.randn(4, 9, device=device)
-    TB.normalize(xt).backward(dy)
-    R.normalize(xr).backward(dy.double())
-    assert torch.equal(TB.normalize(x)[1], torch.zeros(9, device=device))
+    TB.l2_normalize(xt).backward(dy)
+    R.l2_normalize(xr).backward(dy.double())
+    assert torch.equal(TB.l2_normalize(x)[1], torch.zeros(9, device=device))
     torch.testing.assert_close(xt.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
     b = torch.randn(4, 9, device=device)
     assert float(TB.cosine_similarity(x, b)[1]) == 0.0
@@ -81,7 +81,7 @@ def test_one_side_grad_and_float64(device):
     assert_close(at.grad, ar.grad, torch.float32, "d a only")
     a64 = a.double().requires_grad_()
     assert TB.cosine_similarity(a64, b.double()).dtype == torch.float64
-    assert TB.normalize(a64).dtype == torch.float64
+    assert TB.l2_normalize(a64).dtype == torch.float64
 
 
 def test_deterministic(device):
@@ -90,7 +90,7 @@ def test_deterministic(device):
     for _ in range(2):
         at, bt = a.clone().requires_grad_(), b.clone().requires_grad_()
         c = TB.cosine_similarity(at, bt)
-        (c.sum() + TB.normalize(at).square().mul(torch.arange(300, device=device)).sum()).backward()
+        (c.sum() + TB.l2_normalize(at).square().mul(torch.arange(300, device=device)).sum()).backward()
         runs.append((c, at.grad, bt.grad))
     for x, y in zip(*runs):
         assert torch.equal(x, y)
@@ -99,17 +99,17 @@ def test_deterministic(device):
 def test_opcheck(device):
     a, b = torch.randn(5, 31, device=device), torch.randn(5, 31, device=device)
     ops = torch.ops.gacd_triton
-    torch.library.opcheck(ops.normalize.default, (a.clone().requires_grad_(),))
+    torch.library.opcheck(ops.l2_normalize.default, (a.clone().requires_grad_(),))
     torch.library.opcheck(ops.cosine_similarity.default, (a.clone().requires_grad_(), b.clone().requires_grad_()))
-    torch.library.opcheck(ops.normalize_bwd.default, (a, b))
-    torch.library.opcheck(ops.cosine_similarity_bwd.default, (a, b, torch.randn(5, device=device)))
+    torch.library.opcheck(ops.l2_normalize_backward.default, (b, a))
+    torch.library.opcheck(ops.cosine_similarity_backward.default, (torch.randn(5, device=device), a, b))
 
 
 def test_compile_fullgraph(device):
     a, b = torch.randn(6, 20, device=device), torch.randn(6, 20, device=device)
 
     def f(x, y):
-        return gacd_fast.cosine_similarity(x, y, backend="triton").sum() + gacd_fast.normalize(x, backend="triton").sum()
+        return gacd_fast.cosine_similarity(x, y, backend="triton").sum() + gacd_fast.l2_normalize(x, backend="triton").sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

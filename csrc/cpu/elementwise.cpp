@@ -276,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(const at::Tens
 
 TORCH_LIBRARY_IMPL(gacd_fast, CPU, m) {
   m.impl("pgd_step_", &gacd_fast::pgd_step_cpu);
-  m.impl("normalize", &gacd_fast::normalize_cpu);
-  m.impl("normalize_backward", &gacd_fast::normalize_backward_cpu);
+  m.impl("l2_normalize", &gacd_fast::normalize_cpu);
+  m.impl("l2_normalize_backward", &gacd_fast::normalize_backward_cpu);
   m.impl("cosine_similarity", &gacd_fast::cosine_similarity_cpu);
   m.impl("cosine_similarity_backward", &gacd_fast::cosine_similarity_backward_cpu);
 }

@@ -38,7 +38,7 @@ namespace {
 template <typename T> inline T soft_exp(T x) { return std::exp(x); }
 template <> inline float soft_exp<float>(float x) {
   x = x < -87.0f ? -87.0f : x;                       // exp(-87) ~ 1.6e-38: 0 next to the max's 1
-  const float t = x * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to nearest
+  const float t = x * kLog2eF + 12582912.0f;  // + 1.5 * 2^23 rounds to nearest
   const float n = t - 12582912.0f;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln2, in two parts
   float p = 1.9875691500e-4f;

@@ -289,8 +289,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Ten
 
 TORCH_LIBRARY_IMPL(gacd_fast, CUDA, m) {
   m.impl("pgd_step_", &gacd_fast::cuda::pgd_step_cuda);
-  m.impl("normalize", &gacd_fast::cuda::normalize_cuda);
-  m.impl("normalize_backward", &gacd_fast::cuda::normalize_backward_cuda);
+  m.impl("l2_normalize", &gacd_fast::cuda::normalize_cuda);
+  m.impl("l2_normalize_backward", &gacd_fast::cuda::normalize_backward_cuda);
   m.impl("cosine_similarity", &gacd_fast::cuda::cosine_similarity_cuda);
   m.impl("cosine_similarity_backward", &gacd_fast::cuda::cosine_similarity_backward_cuda);
 }

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .reference import acc_dtype, l2_normalize
-
-SECOND_ORDER_ERROR = (
-    "second-order gradients (create_graph=True) through info_nce are supported only by the torch "
-    "backend with negatives that require grad; this call's backward is first-order only"
-)
+from .._numerics import acc_dtype
+from .info_nce import SECOND_ORDER_ERROR
+from .norms import l2_normalize
 
 # Elements of one chunk's temporary ([B, c] logits, or [B, c, D] gathered rows): 4 MB in float32,
 # big enough that each chunk's matmul runs at full speed.

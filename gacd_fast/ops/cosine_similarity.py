@@ -1,0 +1,54 @@
+"""Row-wise cosine similarity: its definition and the contract of its compiled backends."""
+from __future__ import annotations
+
+import torch
+
+from .._numerics import acc_dtype
+from .contract import CompiledOp, check_like, check_rows, first_order_only
+from .norms import unit_rows
+
+SECOND_ORDER_ERROR = (
+    "second-order gradients (create_graph=True) through cosine_similarity are supported only by the torch "
+    "backend"
+)
+
+
+def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, D], [B, D] -> [B] in the accumulation dtype: normalize(a)_i . normalize(b)_i."""
+    return (unit_rows(a) * unit_rows(b)).sum(-1)
+
+
+def _fake(a, b):
+    check_rows("a", a)
+    check_like("b", b, "a", a)
+    return a.new_empty(a.shape[0], dtype=acc_dtype(a.dtype))
+
+
+def _fake_backward(grad, a, b):
+    check_rows("a", a)
+    check_like("b", b, "a", a)
+    torch._check(grad.shape == (a.shape[0],), lambda: f"grad must be [B={a.shape[0]}], got {tuple(grad.shape)}")
+    return a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _backward(namespace: str, ctx, grad):
+    first_order_only(SECOND_ORDER_ERROR)
+    a, b = ctx.saved_tensors
+    da, db = BACKWARD.resolve(namespace)(grad, a, b)
+    return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None)
+
+
+FORWARD = CompiledOp("cosine_similarity", "(Tensor a, Tensor b) -> Tensor", _fake, _backward, _setup_context)
+# (d a, d b) in the inputs' dtypes, from ``grad`` [B] (the output's dtype).
+BACKWARD = CompiledOp("cosine_similarity_backward", "(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)",
+                      _fake_backward)
+OPS = (FORWARD, BACKWARD)
+
+
+def compiled(namespace: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, D], [B, D] -> [B] cosines from ``namespace``'s compiled ops."""
+    return FORWARD.resolve(namespace)(a, b)

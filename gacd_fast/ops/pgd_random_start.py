@@ -1,0 +1,50 @@
+"""The PGD random start op: its definition and the Triton backend's fused linf start."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .contract import CompiledOp
+from .norms import per_sample
+from .pgd_step import split_scalar
+
+
+def reference(
+    x_nat: torch.Tensor, eps: float | torch.Tensor, norm: str, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """A random point of the eps-ball around ``x_nat`` [B, ...], clamped to [0, 1] (torchattacks'
+    starts): linf ``clamp(x + U(-eps, eps), 0, 1)``; l2 a random direction scaled to a uniform
+    radius in [0, eps]. eps: a float or per-sample [B] tensor. ``generator`` makes it reproducible."""
+    g = generator
+    if norm == "linf":
+        if isinstance(eps, torch.Tensor):
+            noise = (torch.rand(x_nat.shape, generator=g, device=x_nat.device, dtype=x_nat.dtype) * 2 - 1)
+            noise = noise * per_sample(eps, x_nat)
+        else:
+            noise = torch.empty_like(x_nat).uniform_(-eps, eps, generator=g)
+    else:
+        direction = torch.randn(x_nat.shape, generator=g, device=x_nat.device, dtype=x_nat.dtype)
+        n = direction.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x_nat.dim() - 1)))
+        r = torch.rand(n.shape, generator=g, device=x_nat.device, dtype=x_nat.dtype)
+        noise = direction * (r / n * per_sample(eps, n))
+    return torch.clamp(x_nat + noise, 0, 1)
+
+
+def _fake_linf(x_nat, eps_t, eps, seed):
+    torch._check(x_nat.dim() >= 1, lambda: f"x_nat must be [B, ...], got shape {tuple(x_nat.shape)}")
+    if eps_t is not None:
+        torch._check(eps_t.shape == (x_nat.shape[0],),
+                     lambda: f"eps_t must be [B={x_nat.shape[0]}], got {tuple(eps_t.shape)}")
+    return x_nat.new_empty(x_nat.shape)
+
+
+# clamp(x_nat + U(-eps, eps), 0, 1), the noise keyed by (seed, flat element index).
+LINF_START = CompiledOp("linf_random_start", "(Tensor x_nat, Tensor? eps_t, float eps, int seed) -> Tensor",
+                        _fake_linf)
+
+
+def compiled_linf(namespace: str, x_nat: torch.Tensor, eps: float | torch.Tensor, seed: int) -> torch.Tensor:
+    """The linf start by ``namespace``'s compiled op: a new tensor like ``x_nat`` [B, ...]."""
+    e_t, e = split_scalar(eps)
+    return LINF_START.resolve(namespace)(x_nat, e_t, e, int(seed))
