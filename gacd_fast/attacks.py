@@ -249,7 +249,8 @@ class Attack(ABC):
             raise ValueError(f"normalization must be (mean, std) or None, got {norm!r}")
         mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in norm)
         if mean.shape != std.shape:
-            raise ValueError(f"normalization mean and std must have the same length, got {tuple(mean.shape)} and {tuple(std.shape)}")
+            raise ValueError(f"normalization mean and std must have the same length, got {tuple(mean.shape)} "
+                             f"and {tuple(std.shape)}")
         if bool((std <= 0).any()):
             raise ValueError(f"normalization std must be > 0, got {std.tolist()}")
         return mean, std
