@@ -1,4 +1,5 @@
-"""pgd_step_, PGD and FGSM: projections, torchattacks parity, mode restoration, no side effects."""
+"""pgd_step_, PGD and FGSM: projections, torchattacks parity (untargeted and targeted), mode
+restoration, no side effects, argument checks; the Attack base as the extension point."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +235,210 @@ def test_pgd_bad_calls():
     odd.forward = lambda z: {"logits": z}
     with pytest.raises(TypeError, match="logits"):
         PGD(odd, steps=1)(x, y)
+
+
+# ------------------------------------------------------------------- targeted mode (torchattacks')
+def _torchattacks():
+    return pytest.importorskip("torchattacks")
+
+
+TARGETED_MODES = {
+    "label": lambda atk: atk.set_mode_targeted_by_label(),
+    "function": lambda atk: atk.set_mode_targeted_by_function(lambda x, y: (y + 1) % 4),
+    "random": lambda atk: atk.set_mode_targeted_random(),
+    "least_likely": lambda atk: atk.set_mode_targeted_least_likely(),
+    "least_likely_k2": lambda atk: atk.set_mode_targeted_least_likely(kth_min=2),
+}
+
+
+def _set_theirs(atk, mode):
+    """torchattacks' call for the same mode (it prints unless quiet)."""
+    if mode == "function":
+        atk.set_mode_targeted_by_function(lambda x, y: (y + 1) % 4, quiet=True)
+    elif mode.startswith("least_likely"):
+        atk.set_mode_targeted_least_likely(kth_min=2 if mode.endswith("k2") else 1, quiet=True)
+    else:
+        getattr(atk, f"set_mode_targeted_{'by_label' if mode == 'label' else mode}")(quiet=True)
+
+
+@pytest.mark.parametrize("mode", list(TARGETED_MODES))
+def test_targeted_pgd_bitwise_torchattacks(mode):
+    ta = _torchattacks()
+    torch.manual_seed(11)
+    model = TinyNet().eval()
+    x, y = images(16), torch.randint(4, (16,))
+    theirs = ta.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5)
+    _set_theirs(theirs, mode)
+    torch.manual_seed(5)  # both draw the random targets, then the random start, from the global RNG
+    want = theirs(x, y)
+    ours = TARGETED_MODES[mode](PGD(model, eps=8 / 255, alpha=2 / 255, steps=5))
+    torch.manual_seed(5)
+    got = ours(x, y)
+    assert ours.targeted and ours.attack_mode == theirs.attack_mode
+    assert torch.equal(got, want) and not torch.equal(got, x)
+
+
+@pytest.mark.parametrize("mode", list(TARGETED_MODES))
+def test_targeted_fgsm_bitwise_torchattacks(mode):
+    ta = _torchattacks()
+    torch.manual_seed(12)
+    model = TinyNet().eval()
+    x, y = images(16), torch.randint(4, (16,))
+    theirs = ta.FGSM(model, eps=0.05)
+    _set_theirs(theirs, mode)
+    torch.manual_seed(6)
+    want = theirs(x, y)
+    ours = TARGETED_MODES[mode](FGSM(model, eps=0.05))
+    torch.manual_seed(6)
+    assert torch.equal(ours(x, y), want)
+
+
+def test_untargeted_fgsm_bitwise_torchattacks():
+    ta = _torchattacks()
+    model = TinyNet().eval()
+    x, y = images(16), torch.randint(4, (16,))
+    assert torch.equal(FGSM(model, eps=0.05)(x, y), ta.FGSM(model, eps=0.05)(x, y))
+
+
+def _recording_ce(seen):
+    def loss(out, labels):
+        seen.append(labels)
+        return F.cross_entropy(out, labels)
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["label", "random", "least_likely"])
+def test_targeted_pgd_raises_the_target_probability(mode):
+    torch.manual_seed(0)
+    model = TinyNet(dropout=False).eval()
+    x, y = images(32), torch.randint(4, (32,))
+    seen = []
+    atk = TARGETED_MODES[mode](PGD(model, eps=0.3, alpha=0.05, steps=10, loss=_recording_ce(seen)))
+    call_targets = (y + 1) % 4 if mode == "label" else y
+    adv = atk(x, call_targets)
+    target = seen[0]
+    assert target.dtype == torch.int64 and target.shape == y.shape and all(torch.equal(t, target) for t in seen)
+    if mode == "label":
+        assert torch.equal(target, call_targets)
+    else:  # a class other than the true one
+        assert (target != y).all() and target.min() >= 0 and target.max() < 4
+    if mode == "least_likely":
+        with torch.no_grad():
+            assert torch.equal(target, model(x).masked_fill(F.one_hot(y, 4).bool(), float("inf")).argmin(1))
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), 1).gather(1, target[:, None])
+        p_adv = F.softmax(model(adv), 1).gather(1, target[:, None])
+    assert (p_adv > p_clean).all() and p_adv.mean() > p_clean.mean() + 0.05, (p_clean.mean(), p_adv.mean())
+    assert (adv - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_targeted_mode_with_a_custom_loss_minimises_it_on_the_target_labels():
+    model = TinyNet(dropout=False).eval()
+    x, y = images(8), torch.randint(4, (8,))
+    tgt = (y + 2) % 4
+    ce = PGD(model, eps=0.05, alpha=0.01, steps=3).set_mode_targeted_by_label()
+    custom = PGD(model, eps=0.05, alpha=0.01, steps=3, loss=lambda out, t: F.cross_entropy(out, t))
+    custom.set_mode_targeted_by_label()
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    ce.generator, custom.generator = g(), g()
+    assert torch.equal(ce(x, tgt), custom(x, tgt))
+    # a loss that ignores its targets (like GACD's guided objective) is descended: here ||f||^2
+    feature_norm = lambda out, _t: out.pow(2).sum()  # noqa: E731
+    down = PGD(model, eps=0.05, alpha=0.01, steps=5, random_start=False, loss=feature_norm)
+    up_adv = down(x, y)
+    down_adv = down.set_mode_targeted_by_label()(x, y)
+    with torch.no_grad():
+        assert model(down_adv).pow(2).sum() < model(x).pow(2).sum() < model(up_adv).pow(2).sum()
+
+
+def test_set_mode_default_and_random_targets_from_the_generator():
+    model = TinyNet(dropout=False).eval()
+    x, y = images(8), torch.randint(4, (8,))
+    atk = PGD(model, eps=0.05, alpha=0.01, steps=2, generator=torch.Generator().manual_seed(0))
+    assert atk.attack_mode == "default" and not atk.targeted
+    untargeted = atk(x, y)
+    assert atk.set_mode_targeted_random() is atk and atk.attack_mode == "targeted(random)"
+    seen = []
+    rnd = PGD(model, eps=0.05, alpha=0.01, steps=1, loss=_recording_ce(seen)).set_mode_targeted_random()
+    for seed in (0, 0, 1):
+        rnd.generator = torch.Generator().manual_seed(seed)
+        rnd(x, y)
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
+    atk.set_mode_default()
+    atk.generator = torch.Generator().manual_seed(0)
+    assert not atk.targeted and torch.equal(atk(x, y), untargeted)
+
+
+def test_targeted_attack_restores_model_mode_also_after_an_exception():
+    model = TinyNet()
+    model.train()
+    model.bn.eval()
+    flags = [m.training for m in model.modules()]
+    x, y = images(4), torch.randint(4, (4,))
+    for set_mode in TARGETED_MODES.values():
+        set_mode(PGD(model, eps=0.05, alpha=0.02, steps=2, model_mode="train"))(x, y)
+        assert [m.training for m in model.modules()] == flags
+
+    def failing_target(images, targets):
+        raise RuntimeError("target function failed")
+
+    with pytest.raises(RuntimeError, match="target function failed"):
+        PGD(model, steps=1).set_mode_targeted_by_function(failing_target)(x, y)
+    assert [m.training for m in model.modules()] == flags
+
+    def failing_loss(out, labels):
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        PGD(model, steps=1, loss=failing_loss).set_mode_targeted_least_likely()(x, y)
+    assert [m.training for m in model.modules()] == flags
+
+
+def test_targeted_bad_arguments():
+    atk = PGD(TinyNet(), steps=1)
+    x, y = images(3), torch.randint(4, (3,))
+    with pytest.raises(ValueError, match="kth_min must be >= 1, got 0"):
+        atk.set_mode_targeted_least_likely(kth_min=0)
+    with pytest.raises(TypeError, match="kth_min must be an int, got float"):
+        atk.set_mode_targeted_least_likely(kth_min=1.5)
+    with pytest.raises(ValueError, match=r"kth_min must be <= 3 \(the classes other than the true one\), got 4"):
+        atk.set_mode_targeted_least_likely(kth_min=4)(x, y)
+    with pytest.raises(TypeError, match="target_map_function must be callable"):
+        atk.set_mode_targeted_by_function(3)
+    with pytest.raises(IndexError, match=r"target labels must hold indices in \[0, 4\)"):
+        atk.set_mode_targeted_by_label()(x, torch.tensor([0, 4, 1]))
+    with pytest.raises(IndexError, match=r"target labels must hold indices in \[0, 4\)"):
+        atk.set_mode_targeted_by_function(lambda x, y: y - 1)(x, torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="target labels from target_map_function must be a tensor with 3 rows"):
+        atk.set_mode_targeted_by_function(lambda x, y: y[:2])(x, y)
+    with pytest.raises(TypeError, match="target labels from target_map_function must be a torch.Tensor, got list"):
+        atk.set_mode_targeted_by_function(lambda x, y: y.tolist())(x, y)
+    with pytest.raises(TypeError, match="targets must have dtype in"):
+        atk.set_mode_targeted_random()(x, F.one_hot(y, 4).float())
+    with pytest.raises(IndexError, match=r"targets must hold indices in \[0, 4\)"):
+        atk.set_mode_targeted_least_likely()(x, torch.tensor([0, 1, 9]))
+    odd = TinyNet()
+    odd.forward = lambda z: {"logits": z}
+    with pytest.raises(TypeError, match=r"attack mode 'targeted\(random\)' needs the model to return \[B, C\] logits"):
+        PGD(odd, steps=1).set_mode_targeted_random()(x, y)
+    one_class = nn.Sequential(nn.Flatten(), nn.Linear(3 * 7 * 9, 1))
+    with pytest.raises(ValueError, match="needs at least 2 classes, the model has 1"):
+        PGD(one_class, steps=1).set_mode_targeted_random()(x, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="generator"):
+        FGSM(TinyNet(), generator=1)
+
+
+def test_attack_base_is_the_extension_point():
+    with pytest.raises(TypeError, match="abstract"):
+        gacd_fast.Attack(TinyNet(), 0.1)
+
+    class RandomStartOnly(gacd_fast.Attack):
+        def _perturb(self, x_nat, x_adv, labels, eps):
+            return x_adv
+
+    model = TinyNet()
+    model.train()
+    x, y = images(4), torch.randint(4, (4,))
+    adv = RandomStartOnly(model, 0.05, random_start=True, generator=torch.Generator().manual_seed(1))(x, y)
+    assert torch.equal(adv, gacd_fast.pgd_random_start(x, eps=0.05, generator=torch.Generator().manual_seed(1)))
+    assert model.training
