@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from gacd_fast.cli import main
-from gacd_fast.distill import train
 from gacd_fast.distill.atomic import atomic_torch_save
 
 TINY = ["--train-limit", "96", "--test-limit", "24", "--teacher-epochs", "2", "--student-epochs", "3",
@@ -20,12 +19,8 @@ class Interrupt(Exception):
     pass
 
 
-def run(out, hooks, *extra):
-    train.EPOCH_END_HOOKS[:] = hooks
-    try:
-        return main(["demo", "--out", out, *TINY, *extra])
-    finally:
-        train.EPOCH_END_HOOKS[:] = []
+def run(out, callbacks, *extra):
+    return main(["demo", "--out", out, *TINY, *extra], callbacks=callbacks)
 
 
 def numbers(out):
@@ -88,12 +83,8 @@ def test_resume_rejects_other_config(tmp_path, capsys):
 def test_keyboard_interrupt_exit_code(tmp_path, capsys):
     def stop(tag, ep):
         raise KeyboardInterrupt
-    train.EPOCH_END_HOOKS[:] = [stop]
-    try:
-        assert main(["train-teacher", "--out", str(tmp_path), "--epochs", "2", "--train-limit", "32",
-                     "--test-limit", "8", "--attack-steps", "1", "--no-progress"]) == 130
-    finally:
-        train.EPOCH_END_HOOKS[:] = []
+    assert main(["train-teacher", "--out", str(tmp_path), "--epochs", "2", "--train-limit", "32",
+                 "--test-limit", "8", "--attack-steps", "1", "--no-progress"], callbacks=[stop]) == 130
     assert "--resume" in capsys.readouterr().err
     assert os.path.isfile(tmp_path / "teacher.state.pt")
 
