@@ -1,6 +1,9 @@
 """Each training method runs a couple of tiny steps; the teacher stays frozen and in eval mode;
 the method registry builds every registered method and refuses bad registrations."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from gacd_fast.distill.models import build_model
 from gacd_fast.distill.train import fit, load_checkpoint, save_checkpoint
 
 ATTACK = AttackSpec(eps=0.2, alpha=0.05, steps=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_student(method, teacher=None, student_dim=None, num_data=None, **options):
@@ -162,3 +166,15 @@ def test_gacd_prefill_writes_the_teacher_embeddings(tiny):
     with torch.no_grad():
         want = obj.criterion.embed_t(teacher(tr.batch(torch.arange(len(tr))))[0])
     torch.testing.assert_close(obj.criterion.bank_t.rows, want)
+
+
+def test_option_layer_imports_no_torch():
+    """config and method_registry (all that option parsing reads) import no torch themselves; the
+    package __init__s, which do, are stubbed out here."""
+    code = ("import sys, types\n"
+            "for name in ('gacd_fast', 'gacd_fast.distill'):\n"
+            "    m = types.ModuleType(name); m.__path__ = [name.replace('.', '/')]; sys.modules[name] = m\n"
+            "import gacd_fast.distill.config\n"
+            "assert 'torch' not in sys.modules and 'gacd_fast.distill.method_registry' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

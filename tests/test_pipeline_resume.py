@@ -9,6 +9,8 @@ import torch
 
 from gacd_fast.cli import main
 from gacd_fast.distill.atomic import atomic_torch_save
+from gacd_fast.distill.methods import Natural
+from gacd_fast.distill.train import fit
 
 TINY = ["--train-limit", "96", "--test-limit", "24", "--teacher-epochs", "2", "--student-epochs", "3",
         "--attack-steps", "1", "--probe-epochs", "2", "--eps-sweep", "3", "--methods", "at", "gacd", "--no-progress"]
@@ -100,3 +102,9 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         atomic_torch_save({"a": Boom()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["x.pt"]  # no temporary left behind
+
+
+def test_callbacks_must_be_callable():
+    with pytest.raises(TypeError, match=r"callbacks\[1\] must be callable as callback\(tag, epoch\), got str"):
+        fit(torch.nn.Linear(1, 1), Natural(), None, epochs=1, batch_size=1, lr=0.1, device=torch.device("cpu"),
+            callbacks=[print, "stop"])
