@@ -9,9 +9,12 @@ import dataclasses
 import sys
 import traceback
 import typing
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .distill import config as C
+
+if TYPE_CHECKING:
+    from .distill.train import EpochEndCallback
 
 SUBCOMMANDS: dict[str, tuple[type, str]] = {
     "demo": (C.DemoConfig, "the whole recipe on scikit-learn's digits in a few CPU minutes: adversarially train a "
@@ -20,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[type, str]] = {
     "study": (C.StudyConfig, "the demo's recipe over several seeds (--seeds 0 1 2) and banks (--banks memory queue batch): "
                              "mean +- std of every metric in study.json/csv/png"),
     "train-teacher": (C.TeacherConfig, "adversarially train a teacher (PGD-AT or TRADES); writes <out>/teacher.pt"),
-    "distill": (C.DistillConfig, "train a student (natural, at, ard, gacd, gacd_noweight) with the frozen teacher; "
+    "distill": (C.DistillConfig, f"train a student ({', '.join(C.STUDENT_CHOICES)}) with the frozen teacher; "
                                  "writes <out>/<name>.pt"),
     "evaluate": (C.EvaluateConfig, "clean / FGSM / PGD-20 / CW-inf accuracy, linear CKA to the teacher and a transfer "
                                    "linear probe, robust accuracy vs eps; prints the table, writes results.json/csv/png and plots"),
@@ -89,7 +92,10 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     return dataclasses.replace(cfg, **given)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[EpochEndCallback] = ()) -> int:
+    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit code (0, 1: an
+    error in the run, 2: a bad configuration, 130: interrupted). ``callbacks`` are passed to every
+    training run (see gacd_fast.distill.train.fit)."""
     args = build_parser().parse_args(argv)
     cls, _ = SUBCOMMANDS[args.command]
     try:
@@ -101,13 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "demo":
-            pipeline.demo(cfg)
+            pipeline.demo(cfg, callbacks=callbacks)
         elif args.command == "study":
-            pipeline.study(cfg)
+            pipeline.study(cfg, callbacks=callbacks)
         elif args.command == "train-teacher":
-            pipeline.train_teacher(cfg)
+            pipeline.train_teacher(cfg, callbacks=callbacks)
         elif args.command == "distill":
-            pipeline.distill(cfg)
+            pipeline.distill(cfg, callbacks=callbacks)
         else:
             pipeline.evaluate(cfg)
     except (FileNotFoundError, ValueError) as e:  # missing data/checkpoints, bad option values: a clear message

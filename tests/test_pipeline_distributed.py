@@ -18,7 +18,8 @@ from torch import nn
 
 from gacd_fast.distill import parallel, train
 from gacd_fast.distill.data import ImageDataset, iterate, load_digits_split
-from gacd_fast.distill.methods import AttackSpec, Natural, build_student_method
+from gacd_fast.distill.config import DistillConfig, resolve
+from gacd_fast.distill.methods import AttackSpec, MethodInputs, Natural, build_method
 from gacd_fast.distill.models import build_model
 
 from multiproc import free_port, run_rank
@@ -91,19 +92,17 @@ def gacd_run(state_path: str, *, stop_after: int | None = None, resume: bool = F
     torch.manual_seed(0)
     teacher = build_model("small_cnn_teacher", 10, 1).eval()
     student = build_model("small_cnn_student", 10, 1)
-    method = build_student_method("gacd", AttackSpec(0.2, 0.05, 2), teacher=teacher, student_dim=student.feature_dim,
-                                  num_data=64, embed_dim=8, num_negatives=16)
+    method = build_method("student", "gacd", resolve(DistillConfig(embed_dim=8, num_negatives=16)),
+                          MethodInputs(AttackSpec(0.2, 0.05, 2), teacher, student.feature_dim, 64))
 
     def stop(tag, epoch):
         if epoch == stop_after:
             raise KeyboardInterrupt
-    train.EPOCH_END_HOOKS[:] = [stop] if stop_after else []
     try:
-        train.fit(student, method, digits(64), state_path=state_path, resume=resume, test=digits(20), **FIT)
+        train.fit(student, method, digits(64), state_path=state_path, resume=resume, test=digits(20),
+                  callbacks=[stop] if stop_after else (), **FIT)
     except KeyboardInterrupt:
         return None
-    finally:
-        train.EPOCH_END_HOOKS[:] = []
     return student.state_dict(), method.state_dict()
 
 

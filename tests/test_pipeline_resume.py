@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from gacd_fast.cli import main
-from gacd_fast.distill import train
 from gacd_fast.distill.atomic import atomic_torch_save
+from gacd_fast.distill.methods import Natural
+from gacd_fast.distill.train import fit
 
 TINY = ["--train-limit", "96", "--test-limit", "24", "--teacher-epochs", "2", "--student-epochs", "3",
         "--attack-steps", "1", "--probe-epochs", "2", "--eps-sweep", "3", "--methods", "at", "gacd", "--no-progress"]
@@ -20,12 +21,8 @@ class Interrupt(Exception):
     pass
 
 
-def run(out, hooks, *extra):
-    train.EPOCH_END_HOOKS[:] = hooks
-    try:
-        return main(["demo", "--out", out, *TINY, *extra])
-    finally:
-        train.EPOCH_END_HOOKS[:] = []
+def run(out, callbacks, *extra):
+    return main(["demo", "--out", out, *TINY, *extra], callbacks=callbacks)
 
 
 def numbers(out):
@@ -88,12 +85,8 @@ def test_resume_rejects_other_config(tmp_path, capsys):
 def test_keyboard_interrupt_exit_code(tmp_path, capsys):
     def stop(tag, ep):
         raise KeyboardInterrupt
-    train.EPOCH_END_HOOKS[:] = [stop]
-    try:
-        assert main(["train-teacher", "--out", str(tmp_path), "--epochs", "2", "--train-limit", "32",
-                     "--test-limit", "8", "--attack-steps", "1", "--no-progress"]) == 130
-    finally:
-        train.EPOCH_END_HOOKS[:] = []
+    assert main(["train-teacher", "--out", str(tmp_path), "--epochs", "2", "--train-limit", "32",
+                 "--test-limit", "8", "--attack-steps", "1", "--no-progress"], callbacks=[stop]) == 130
     assert "--resume" in capsys.readouterr().err
     assert os.path.isfile(tmp_path / "teacher.state.pt")
 
@@ -109,3 +102,9 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         atomic_torch_save({"a": Boom()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["x.pt"]  # no temporary left behind
+
+
+def test_callbacks_must_be_callable():
+    with pytest.raises(TypeError, match=r"callbacks\[1\] must be callable as callback\(tag, epoch\), got str"):
+        fit(torch.nn.Linear(1, 1), Natural(), None, epochs=1, batch_size=1, lr=0.1, device=torch.device("cpu"),
+            callbacks=[print, "stop"])

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .atomic import atomic_write_text
+from .method_registry import STUDENT_METHODS, TEACHER_METHODS, method_help
 
 DATASET_CHOICES = ("digits", "mnist5k", "cifar10", "cifar100", "stl10")
 MODEL_CHOICES = ("small_cnn_teacher", "small_cnn_student", "small_cnn_teacher_stride2", "small_cnn_student_stride2", "resnet18", "preact_resnet18", "wrn_34_10", "mobilenetv2")
-STUDENT_CHOICES = ("natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
-TEACHER_METHOD_CHOICES = ("at", "trades")
+# The method choices are the registries' live key views: a method registered later is accepted too.
+STUDENT_CHOICES = STUDENT_METHODS.keys()
+TEACHER_METHOD_CHOICES = TEACHER_METHODS.keys()
 BANK_CHOICES = ("memory", "queue", "batch")  # = gacd_fast.loss.BANKS, repeated so that parsing options imports no torch
 TEACHER_HEAD_CHOICES = ("frozen", "train")  # = gacd_fast.loss.TEACHER_HEADS (tests/test_banks.py checks both)
 
@@ -144,7 +146,7 @@ class TeacherConfig(RunConfig, OptimConfig):
 
     out_dir: str = opt("runs/teacher", "output folder (teacher.pt, config, log)", flag="--out", aliases=("--out-dir",))
     model: str | None = opt(None, "teacher architecture (default: digits small_cnn_teacher, CIFAR wrn_34_10)", choices=MODEL_CHOICES)
-    method: str = opt("at", "at (PGD adversarial training, Madry et al.) | trades (Zhang et al.)", choices=TEACHER_METHOD_CHOICES)
+    method: str = opt("at", method_help("teacher"), choices=TEACHER_METHOD_CHOICES)
     trades_beta: float = opt(6.0, "TRADES beta (TRADES README: 6.0 for CIFAR-10)")
 
 
@@ -153,9 +155,10 @@ class DistillConfig(RunConfig, OptimConfig):
     """distill: train a student with or without the frozen teacher."""
 
     out_dir: str = opt("runs/distill", "output folder (<name>.pt, config, log)", flag="--out", aliases=("--out-dir",))
-    teacher: str | None = opt(None, "teacher checkpoint (from train-teacher); needed by ard, gacd and gacd_noweight")
+    teacher: str | None = opt(None, "teacher checkpoint (from train-teacher); needed by "
+                               + ", ".join(m.name for m in STUDENT_METHODS.values() if m.needs_teacher))
     student: str | None = opt(None, "student architecture (default: digits small_cnn_student, CIFAR resnet18)", choices=MODEL_CHOICES)
-    method: str = opt("gacd", "natural | at (PGD adversarial training) | ard | gacd | gacd_noweight (GACD with weighting=none, the ablation) | gacd_feature (feature-only transfer: the GACD loss alone, no labels, the guided attack; judge it by the probe columns of evaluate)", choices=STUDENT_CHOICES)
+    method: str = opt("gacd", method_help("student"), choices=STUDENT_CHOICES)
     name: str | None = opt(None, "checkpoint name (default: the method)")
     ard_temperature: float = opt(30.0, "ARD distillation temperature T (ARD main.py: 30)")
     ard_alpha: float = opt(1.0, "ARD weight of the KL term; 1-alpha weights clean CE (ARD main.py: 1.0)")
@@ -200,7 +203,7 @@ class DemoConfig(RunConfig):
     """demo: the whole recipe (teacher, every student, evaluation) in a few minutes of CPU on the digits."""
 
     out_dir: str = opt("runs/demo", "output folder", flag="--out", aliases=("--out-dir",))
-    teacher_method: str = opt("at", "at | trades", choices=TEACHER_METHOD_CHOICES)
+    teacher_method: str = opt("at", " | ".join(TEACHER_METHOD_CHOICES), choices=TEACHER_METHOD_CHOICES)
     teacher: str | None = opt(None, "reuse this teacher checkpoint (from train-teacher) instead of training one; in a study every seed then shares it")
     teacher_epochs: int | None = opt(None, "teacher epochs (default: digits 15, mnist5k 8)")
     student_epochs: int | None = opt(None, "epochs of each student (default: digits 12, mnist5k 8)")

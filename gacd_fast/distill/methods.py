@@ -5,11 +5,17 @@ Students: natural, AT (PGD adversarial training), ARD (Goldblum et al. 2020) and
 distillation with sample reweighting; ``weighting="none"``, method "gacd_noweight", is the no-reweighting ablation;
 "gacd_feature" is the feature-only transfer: the GACD loss alone, no labels, the guided attack).
 The teacher of a distillation method is frozen and kept in eval mode.
+
+Each method is built by name through :func:`build_method` from a resolved config and the built
+objects it needs (:class:`MethodInputs`); the names, their help and their factories are registered
+in :mod:`.method_registry`.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +24,33 @@ from torch import nn
 from .. import PGD, GACDLoss
 from ..attacks import logits_of
 from .data import iterate
+from .method_registry import methods_of
 
-STUDENT_METHODS = ("natural", "at", "ard", "gacd", "gacd_noweight", "gacd_feature")
+if TYPE_CHECKING:
+    from .config import DistillConfig, TeacherConfig
+
 ATTACK_OBJECTIVES = ("ce", "guided")
-TEACHER_METHODS = ("at", "trades")
 
 
 @dataclass
 class AttackSpec:
+    """The training attack: PGD-``steps`` with step ``alpha`` in the L-inf ball of radius ``eps``."""
+
     eps: float
     alpha: float
     steps: int
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method factory needs besides the options: the training attack, the frozen teacher
+    (methods registered with ``needs_teacher``), the student's feature width and the number of
+    training samples (GACD's embedding head and memory bank)."""
+
+    attack: AttackSpec
+    teacher: nn.Module | None = None
+    student_dim: int | None = None
+    num_data: int | None = None
 
 
 @dataclass
@@ -41,7 +63,12 @@ class StepOutput:
 class Method(nn.Module):
     """A training objective. Its own parameters (e.g. GACD's embedding heads) are trained too."""
 
-    needs_teacher = False
+    @classmethod
+    def from_config(cls, cfg: Any, inputs: MethodInputs) -> Method:
+        """The factory :mod:`.method_registry` names: this method from ``cfg`` (the resolved
+        TeacherConfig or DistillConfig) and ``inputs``. A method with no option of its own needs no
+        override."""
+        return cls()
 
     def prepare(self, train: Any, device: torch.device | str) -> None:
         """Called once before the first epoch of a fresh (not resumed) run; no-op by default."""
@@ -63,6 +90,10 @@ class PGDAT(Method):
         super().__init__()
         self.attack = attack
 
+    @classmethod
+    def from_config(cls, cfg: Any, inputs: MethodInputs) -> PGDAT:
+        return cls(inputs.attack)
+
     def step(self, model, x, y, index):
         x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps)(x, y)
         logits = logits_of(model(x_adv))
@@ -76,6 +107,10 @@ class TRADES(Method):
     def __init__(self, attack: AttackSpec, beta: float = 6.0) -> None:
         super().__init__()
         self.attack, self.beta = attack, beta
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, inputs: MethodInputs) -> TRADES:
+        return cls(inputs.attack, cfg.trades_beta)
 
     def step(self, model, x, y, index):
         with torch.no_grad(), _eval(model):
@@ -109,8 +144,6 @@ class _eval:
 class Distill(Method):
     """Base of the teacher-guided students: holds the frozen teacher."""
 
-    needs_teacher = True
-
     def __init__(self, teacher: nn.Module) -> None:
         super().__init__()
         teacher.eval()
@@ -137,6 +170,10 @@ class ARD(Distill):
             raise ValueError(f"kl_reduction must be 'mean' (ARD's code) or 'batchmean', got {kl_reduction!r}")
         self.attack, self.temperature, self.alpha = attack, temperature, alpha
         self.kl_reduction = kl_reduction
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, inputs: MethodInputs) -> ARD:
+        return cls(_teacher(inputs), inputs.attack, cfg.ard_temperature, cfg.ard_alpha, cfg.ard_kl_reduction)
 
     def step(self, model, x, y, index):
         _, logit_t = self.teacher_out(x)
@@ -185,6 +222,22 @@ class GACD(Distill):
         self.ce_input, self.attack_objective = ce_input, attack_objective
         self.prefill = prefill
 
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, inputs: MethodInputs) -> GACD:
+        """The GACDLoss of ``cfg`` between the student's features (``inputs.student_dim``) and the
+        teacher's, with a bank over ``inputs.num_data`` samples."""
+        teacher = _teacher(inputs)
+        if inputs.student_dim is None or inputs.num_data is None:
+            raise ValueError("GACD needs MethodInputs.student_dim and MethodInputs.num_data, got "
+                             f"{inputs.student_dim!r} and {inputs.num_data!r}")
+        criterion = GACDLoss(
+            inputs.student_dim, teacher.feature_dim, inputs.num_data, embed_dim=cfg.embed_dim,
+            num_negatives=cfg.num_negatives, temperature=cfg.nce_temperature, momentum=cfg.nce_momentum,
+            bank=cfg.bank, teacher_head=cfg.teacher_head, weighting=cfg.weighting,
+        )
+        return cls(teacher, criterion, inputs.attack, ce_weight=cfg.ce_weight, gacd_weight=cfg.gacd_weight,
+                   ce_input=cfg.ce_input, attack_objective=cfg.attack_objective, prefill=cfg.prefill_bank)
+
     def prepare(self, train: Any, device: torch.device | str) -> None:
         if not self.prefill:
             return
@@ -214,57 +267,24 @@ class GACD(Distill):
         return StepOutput(loss, logits_adv, parts)
 
 
-def build_teacher_method(method: str, attack: AttackSpec, trades_beta: float = 6.0) -> Method:
-    if method == "at":
-        return PGDAT(attack)
-    if method == "trades":
-        return TRADES(attack, trades_beta)
-    raise ValueError(f"teacher method must be one of {TEACHER_METHODS}, got {method!r}")
+def _teacher(inputs: MethodInputs) -> nn.Module:
+    """The frozen teacher of a distillation method (a clear error when a direct caller left it out)."""
+    if inputs.teacher is None:
+        raise ValueError("a distillation method needs MethodInputs.teacher, the frozen teacher; got None")
+    return inputs.teacher
 
 
-def build_student_method(
-    method: str,
-    attack: AttackSpec,
-    *,
-    teacher: nn.Module | None = None,
-    student_dim: int | None = None,
-    num_data: int | None = None,
-    ard_temperature: float = 30.0,
-    ard_alpha: float = 1.0,
-    ard_kl_reduction: str = "mean",
-    embed_dim: int = 128,
-    num_negatives: int = 16384,
-    nce_temperature: float = 0.07,
-    nce_momentum: float = 0.5,
-    weighting: str = "confidence",
-    ce_weight: float = 1.0,
-    gacd_weight: float = 1.0,
-    ce_input: str = "adv",
-    attack_objective: str = "ce",
-    bank: str = "memory",
-    teacher_head: str = "frozen",
-    prefill_bank: bool = True,
-) -> Method:
-    """The student objective ``method`` (one of STUDENT_METHODS). "gacd_feature" ignores
-    ``weighting``, ``ce_weight`` and ``attack_objective``: no labels, GACD loss alone, guided attack."""
-    if method not in STUDENT_METHODS:
-        raise ValueError(f"student method must be one of {STUDENT_METHODS}, got {method!r}")
-    if method == "natural":
-        return Natural()
-    if method == "at":
-        return PGDAT(attack)
-    if teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher checkpoint (--teacher)")
-    if method == "ard":
-        return ARD(teacher, attack, ard_temperature, ard_alpha, ard_kl_reduction)
-    if student_dim is None or num_data is None:
-        raise ValueError("GACD needs student_dim and num_data")
-    feature_only = method == "gacd_feature"
-    criterion = GACDLoss(
-        student_dim, teacher.feature_dim, num_data, embed_dim=embed_dim, num_negatives=num_negatives,
-        temperature=nce_temperature, momentum=nce_momentum, bank=bank, teacher_head=teacher_head,
-        weighting="none" if method in ("gacd_noweight", "gacd_feature") else weighting,
-    )
-    return GACD(teacher, criterion, attack, ce_weight=0.0 if feature_only else ce_weight, gacd_weight=gacd_weight,
-                ce_input=ce_input, attack_objective="guided" if feature_only else attack_objective,
-                prefill=prefill_bank)
+def build_method(role: str, name: str, cfg: TeacherConfig | DistillConfig, inputs: MethodInputs) -> Method:
+    """The ``role`` ("teacher" or "student") method registered as ``name``, built by its factory
+    from ``cfg`` (a resolved config; the entry's ``options`` set on a copy) and ``inputs``."""
+    registry = methods_of(role)
+    info = registry.get(name)
+    if info is None:
+        raise ValueError(f"{role} method must be one of {tuple(registry)}, got {name!r}")
+    if info.needs_teacher and inputs.teacher is None:
+        raise ValueError(f"method {name!r} needs a teacher checkpoint (--teacher)")
+    module, _, qualname = info.factory.partition(":")
+    factory: Any = importlib.import_module(module)
+    for attr in qualname.split("."):
+        factory = getattr(factory, attr)
+    return factory(dataclasses.replace(cfg, **info.options), inputs)

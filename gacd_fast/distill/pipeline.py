@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -32,12 +32,13 @@ from .config import (
 )
 from .data import DataBundle, load_dataset, load_transfer
 from .evaluate import eps_grid, eps_sweep, evaluate_models
-from .methods import AttackSpec, build_student_method, build_teacher_method
+from .method_registry import STUDENT_METHODS
+from .methods import AttackSpec, MethodInputs, build_method
 from . import parallel
 from .models import build_model
 from .report import format_table, write_results
 from .study import format_summary, noise_report, summarize, write_study
-from .train import Logger, check_resumable, fit, load_checkpoint, pick_device, save_checkpoint
+from .train import EpochEndCallback, Logger, check_resumable, fit, load_checkpoint, pick_device, save_checkpoint
 
 
 def _setup(cfg: Any, config_name: str = "config", distributed: bool = True) -> tuple[torch.device, Logger]:
@@ -101,8 +102,14 @@ def _finish(path: str, state_path: str, model: torch.nn.Module, log: Logger, nam
     parallel.barrier()  # the other ranks may read the checkpoint next (the demo's students load the teacher)
 
 
-def train_teacher(cfg: TeacherConfig, log: Logger | None = None) -> str:
-    """Adversarially train the teacher; returns the checkpoint path (<out_dir>/teacher.pt)."""
+def _attack(cfg: TeacherConfig | DistillConfig) -> AttackSpec:
+    """The training attack of a resolved config."""
+    return AttackSpec(cfg.eps, cfg.alpha, cfg.attack_steps)
+
+
+def train_teacher(cfg: TeacherConfig, log: Logger | None = None, *, callbacks: Sequence[EpochEndCallback] = ()) -> str:
+    """Adversarially train the teacher; returns the checkpoint path (<out_dir>/teacher.pt).
+    ``callbacks``: passed to :func:`.train.fit`."""
     cfg = resolve(cfg)
     device, own_log = _setup(cfg, "teacher_config")
     log = log or own_log
@@ -112,21 +119,22 @@ def train_teacher(cfg: TeacherConfig, log: Logger | None = None) -> str:
     data = _data(cfg)
     c, _, _ = data.train.image_shape
     model = build_model(cfg.model, data.train.num_classes, c)
-    method = build_teacher_method(cfg.method, AttackSpec(cfg.eps, cfg.alpha, cfg.attack_steps), cfg.trades_beta)
+    method = build_method("teacher", cfg.method, cfg, MethodInputs(_attack(cfg)))
     log(f"[teacher] {cfg.model} by {cfg.method} on {cfg.dataset} ({len(data.train)} train / {len(data.test)} test), "
         f"eps {cfg.eps:.4g}, PGD-{cfg.attack_steps} step {cfg.alpha:.4g}, device {device}")
     history = fit(model, method, data.train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
                   augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag="teacher",
                   progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=to_dict(cfg),
-                  deterministic=cfg.deterministic)
+                  deterministic=cfg.deterministic, callbacks=callbacks)
     _finish(path, state_path, model, log, "teacher", arch=cfg.model, num_classes=data.train.num_classes,
             in_channels=c, role="teacher", method=cfg.method, config=to_dict(cfg), history=history)
     return path
 
 
-def distill(cfg: DistillConfig, log: Logger | None = None) -> str:
-    """Train one student (natural, at, ard, gacd, gacd_noweight); returns its checkpoint path."""
+def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequence[EpochEndCallback] = ()) -> str:
+    """Train one student (a method of the student registry); returns its checkpoint path.
+    ``callbacks``: passed to :func:`.train.fit`."""
     cfg = resolve(cfg)
     name = cfg.name or cfg.method
     device, own_log = _setup(cfg, f"{name}_config")
@@ -135,29 +143,21 @@ def distill(cfg: DistillConfig, log: Logger | None = None) -> str:
     if _finished(path, cfg, log, name):
         return path
     teacher = None
-    if cfg.method not in ("natural", "at"):
+    if STUDENT_METHODS[cfg.method].needs_teacher:
         if not cfg.teacher:
             raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher`")
         teacher, _ = load_checkpoint(cfg.teacher, device)
     data = _data(cfg)
     c, _, _ = data.train.image_shape
     model = build_model(cfg.student, data.train.num_classes, c)
-    method = build_student_method(
-        cfg.method, AttackSpec(cfg.eps, cfg.alpha, cfg.attack_steps), teacher=teacher,
-        student_dim=getattr(model, "feature_dim", None), num_data=len(data.train),
-        ard_temperature=cfg.ard_temperature, ard_alpha=cfg.ard_alpha, ard_kl_reduction=cfg.ard_kl_reduction,
-        embed_dim=cfg.embed_dim,
-        num_negatives=cfg.num_negatives, nce_temperature=cfg.nce_temperature, nce_momentum=cfg.nce_momentum,
-        weighting=cfg.weighting, ce_weight=cfg.ce_weight, gacd_weight=cfg.gacd_weight, ce_input=cfg.ce_input,
-        attack_objective=cfg.attack_objective, bank=cfg.bank, teacher_head=cfg.teacher_head,
-        prefill_bank=cfg.prefill_bank,
-    )
+    inputs = MethodInputs(_attack(cfg), teacher, getattr(model, "feature_dim", None), len(data.train))
+    method = build_method("student", cfg.method, cfg, inputs)
     log(f"[{name}] {cfg.student} by {cfg.method} on {cfg.dataset}, eps {cfg.eps:.4g}, PGD-{cfg.attack_steps}, device {device}")
     history = fit(model, method, data.train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
                   augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag=name,
                   progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=to_dict(cfg),
-                  deterministic=cfg.deterministic)
+                  deterministic=cfg.deterministic, callbacks=callbacks)
     _finish(path, state_path, model, log, name, arch=cfg.student, num_classes=data.train.num_classes, in_channels=c,
             role="student", method=cfg.method, config=to_dict(cfg), history=history)
     return path
@@ -228,40 +228,43 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
 
 def gacd_chance(config: dict[str, Any]) -> float | None:
     """log(K+1) for a GACD student's run config (K negatives per sample; batch bank: batch - 1), else None."""
-    if not str(config.get("method", "")).startswith("gacd"):
+    info = STUDENT_METHODS.get(str(config.get("method", "")))
+    if info is None or not info.uses_bank:
         return None
     k = config["batch_size"] - 1 if config.get("bank") == "batch" else config.get("num_negatives")
     return math.log(k + 1) if k else None
 
 
 def student_runs(methods: list[str], banks: list[str]) -> list[tuple[str, str, str]]:
-    """(run name, method, bank) per student: every GACD method once per bank (named
+    """(run name, method, bank) per student: every method that uses a bank once per bank (named
     ``<method>_<bank>`` when there are several banks), the others once."""
     runs = []
     for m in methods:
-        if m.startswith("gacd") and len(banks) > 1:
+        if STUDENT_METHODS[m].uses_bank and len(banks) > 1:
             runs += [(f"{m}_{b}", m, b) for b in banks]
         else:
             runs.append((m, m, banks[0]))
     return runs
 
 
-def recipe(cfg: DemoConfig, log: Logger, title: str) -> list[dict[str, Any]]:
-    """Train the teacher and every student of ``cfg`` into ``cfg.out_dir``, evaluate them all;
-    the evaluation's rows (empty on ranks other than 0)."""
+def recipe(cfg: DemoConfig, log: Logger, title: str, callbacks: Sequence[EpochEndCallback] = ()) -> list[dict[str, Any]]:
+    """Train the teacher and every student of ``cfg`` into ``cfg.out_dir`` (``callbacks`` passed to
+    every :func:`.train.fit`), evaluate them all; the evaluation's rows (empty on ranks other than 0)."""
     common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, out_dir=cfg.out_dir, seed=cfg.seed, split_seed=cfg.split_seed,
                   device=cfg.device,
                   batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
                   eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
     teacher_path = cfg.teacher or train_teacher(TeacherConfig(**common, method=cfg.teacher_method,
-                                                              epochs=cfg.teacher_epochs), log)
+                                                              epochs=cfg.teacher_epochs), log,
+                                                callbacks=callbacks)
     paths = []
     for name, method, bank in student_runs(cfg.methods, cfg.banks):
         paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=method, name=name, bank=bank,
                                            teacher_head=cfg.teacher_head, prefill_bank=cfg.prefill_bank,
                                            epochs=cfg.student_epochs, gacd_weight=cfg.gacd_weight,
-                                           ce_input=cfg.ce_input, attack_objective=cfg.attack_objective), log))
+                                           ce_input=cfg.ce_input, attack_objective=cfg.attack_objective), log,
+                             callbacks=callbacks))
     ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")},
                           teacher=teacher_path, checkpoints=paths, probe_epochs=cfg.probe_epochs,
                           eps_sweep=cfg.eps_sweep, autoattack=cfg.autoattack)
@@ -271,23 +274,25 @@ def recipe(cfg: DemoConfig, log: Logger, title: str) -> list[dict[str, Any]]:
     return evaluate(ecfg, log, title=title, run_config=to_dict(cfg))
 
 
-def demo(cfg: DemoConfig) -> list[dict[str, Any]]:
+def demo(cfg: DemoConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> list[dict[str, Any]]:
     """Adversarially train a teacher, then every student, evaluate all, print the table (and
-    which differences are inside the seed noise)."""
+    which differences are inside the seed noise). ``callbacks``: passed to every :func:`.train.fit`."""
     t_start = time.time()
     cfg = _with_teacher_split(resolve(cfg))
     device, log = _setup(cfg, "demo_config")
-    rows = recipe(cfg, log, title=f"GACD demo on {cfg.dataset}")
+    rows = recipe(cfg, log, title=f"GACD demo on {cfg.dataset}", callbacks=callbacks)
     if rows:
-        feature_only = tuple(name for name, method, _ in student_runs(cfg.methods, cfg.banks) if method == "gacd_feature")
-        log(noise_report(rows, cfg.dataset, probe_only=feature_only))
+        probe_only = tuple(name for name, method, _ in student_runs(cfg.methods, cfg.banks)
+                           if STUDENT_METHODS[method].probe_only)
+        log(noise_report(rows, cfg.dataset, probe_only=probe_only))
         log(f"[demo] total wall time {time.time() - t_start:.1f}s; results in {cfg.out_dir}")
     return rows
 
 
-def study(cfg: StudyConfig) -> dict[str, Any]:
+def study(cfg: StudyConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> dict[str, Any]:
     """The demo's recipe once per seed (``<out>/seed<N>/``), then mean +- std over the seeds of
-    every metric: study.json, study.csv, study.png and the printed table (one process only)."""
+    every metric: study.json, study.csv, study.png and the printed table (one process only).
+    ``callbacks``: passed to every :func:`.train.fit`."""
     t_start = time.time()
     cfg = _with_teacher_split(resolve(cfg))
     if parallel.launched():
@@ -297,7 +302,7 @@ def study(cfg: StudyConfig) -> dict[str, Any]:
     for seed in cfg.seeds:
         run = dataclasses.replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"))
         log(f"[study] seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}) -> {run.out_dir}")
-        per_seed[seed] = recipe(run, Logger(run.out_dir), title=f"{cfg.dataset} seed {seed}")
+        per_seed[seed] = recipe(run, Logger(run.out_dir), title=f"{cfg.dataset} seed {seed}", callbacks=callbacks)
     summary = summarize(per_seed)
     paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds")
     log(format_summary(summary, f"{cfg.dataset}: mean +- std over seeds {cfg.seeds}"))

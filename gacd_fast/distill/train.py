@@ -6,7 +6,8 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,12 +17,13 @@ from tqdm import tqdm
 from . import parallel
 from .atomic import atomic_torch_save
 from .data import ImageDataset, iterate
-from .methods import Method
+from .methods import Method, StepOutput
 from .models import build_model
 
-# Called as hook(tag, epoch) after each epoch's state checkpoint is on disk (tests use it to
-# interrupt a run at a known point).
-EPOCH_END_HOOKS: list[Callable[[str, int], None]] = []
+# A callback of fit(), called as callback(tag, epoch) after each epoch, once that epoch's state file is
+# written: e.g. progress reporting elsewhere, or stopping a run at a known point (the resume tests do).
+# An exception it raises ends fit() there; with KeyboardInterrupt the CLI says to continue with --resume.
+EpochEndCallback = Callable[[str, int], None]
 
 # Config keys that may differ between an interrupted run and its --resume without changing a number.
 RESUME_IGNORED_KEYS = frozenset({"resume", "progress", "threads", "out_dir", "teacher", "checkpoints"})
@@ -91,6 +93,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNG states saved by :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -109,6 +112,8 @@ def config_mismatch(saved: dict[str, Any] | None, current: dict[str, Any] | None
 
 
 def check_resumable(path: str, saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """ValueError naming the differing options unless the file ``path``, written with the config
+    ``saved``, may be continued with ``current``."""
     diff = config_mismatch(saved, current)
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in diff[:6])  # type: ignore[union-attr]
@@ -140,6 +145,159 @@ def clean_accuracy(model: nn.Module, data: ImageDataset, device: torch.device, b
 RANK_SEED_STRIDE = 1_000_003
 
 
+@dataclass
+class EpochTotals:
+    """Sums over an epoch's samples: the loss, the correct predictions, the sample count and each
+    named loss part (e.g. GACD's "ce" and "gacd"), every value weighted by its batch's size."""
+
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def add(self, out: StepOutput, y: torch.Tensor) -> None:
+        """Add one batch: ``out`` is its step's output, ``y`` [B] int64 its labels."""
+        n = y.shape[0]
+        self.loss += float(out.loss.detach()) * n
+        self.correct += int((out.logits.detach().argmax(1) == y).sum())
+        self.count += n
+        for k, v in out.parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + float(v) * n
+
+    def over_ranks(self, device: torch.device) -> EpochTotals:
+        """The sums over every rank's samples (one float64 all-reduce); the parts in sorted order."""
+        keys = sorted(self.parts)
+        sums = parallel.all_reduce_sum([self.loss, float(self.correct), float(self.count)]
+                                       + [self.parts[k] for k in keys], device)
+        return EpochTotals(sums[0], int(sums[1]), int(sums[2]), dict(zip(keys, sums[3:])))
+
+    def mean(self, value: float) -> float:
+        """``value`` per sample."""
+        return value / max(1, self.count)
+
+
+class _Training:
+    """What one :func:`fit` call trains and saves: the model and the method on ``device``, SGD
+    over their trainable parameters, the LR schedule, the data-order generator and the history.
+    Its methods are fit's steps."""
+
+    def __init__(self, model: nn.Module, method: Method, *, epochs: int, lr: float, momentum: float,
+                 weight_decay: float, lr_milestones: Sequence[float], device: torch.device, seed: int, tag: str,
+                 log: Callable[[str], None]) -> None:
+        self.ctx = parallel.current()
+        self.model, self.method, self.device, self.epochs, self.tag, self.log = model, method, device, epochs, tag, log
+        model.to(device)
+        method.to(device)
+        if self.ctx.enabled:  # identical start everywhere (they already are, with the same seed; made sure)
+            parallel.broadcast_module(model)
+            parallel.broadcast_module(method)
+        self.params = [p for p in list(model.parameters()) + list(method.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        steps = sorted({max(1, round(f * epochs)) for f in lr_milestones if 0 < f < 1})
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=steps, gamma=0.1)
+        self.order = torch.Generator().manual_seed(seed)  # data order
+        self.history: list[dict[str, Any]] = []
+
+    def start_fresh(self, train: ImageDataset, seed: int) -> int:
+        """A new run: rank r > 0 seeds its own RNG stream (rank 0 keeps the caller's), then the
+        method's preparation (e.g. GACD's bank prefill, the same rows on every rank). Returns 1,
+        the first epoch to train."""
+        if self.ctx.rank > 0:
+            torch.manual_seed(seed + RANK_SEED_STRIDE * self.ctx.rank)
+        self.method.prepare(train, self.device)
+        return 1
+
+    def resume(self, path: str, config: dict[str, Any] | None, seed: int) -> int:
+        """Load the state file ``path`` (written by :meth:`save_state` with the same ``config``):
+        weights, optimizer, schedule, data order, history and this rank's RNG streams. A rank the
+        file has no stream for (more processes than when it was written) seeds a fresh one.
+        Returns the first epoch still to train."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        check_resumable(path, state.get("config"), config)
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order.set_state(state["loader_generator"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if self.ctx.rank < len(rngs):
+            set_rng_state(rngs[self.ctx.rank])
+        else:
+            torch.manual_seed(seed + RANK_SEED_STRIDE * self.ctx.rank)
+        self.history = list(state["history"])
+        done = int(state["epoch"])
+        self.log(f"[{self.tag}] resuming after epoch {done}/{self.epochs} from {path}")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.ctx.world_size:
+            self.log(f"[{self.tag}] note: {path} was written by {saved_world} process(es), now {self.ctx.world_size}: "
+                     "the run continues, but not exactly as an uninterrupted one")
+        return done + 1
+
+    def train_epoch(self, train: ImageDataset, epoch: int, *, batch_size: int, augment: bool,
+                    progress: bool) -> EpochTotals:
+        """One pass over this rank's shards of ``train`` (one SGD step per batch), then the LR
+        schedule's step. Returns the epoch's sums over every rank's samples."""
+        self.model.train()
+        self.method.train()
+        totals = EpochTotals()
+        n_batches = (len(train) + batch_size - 1) // batch_size
+        batches = bar(iterate(train, batch_size, shuffle=True, generator=self.order, augment=augment,
+                              device=self.device, rank=self.ctx.rank, world_size=self.ctx.world_size),
+                      total=n_batches, desc=f"{self.tag} epoch {epoch}/{self.epochs}", unit="batch", leave=False,
+                      progress=progress)
+        for x, y, idx in batches:
+            out = self.method.step(self.model, x, y, idx)
+            self.sgd_step(out.loss)
+            totals.add(out, y)
+            batches.set_postfix(loss=f"{totals.mean(totals.loss):.3f}", acc=f"{totals.mean(totals.correct):.3f}",
+                                refresh=False)
+        batches.close()
+        self.scheduler.step()
+        return totals.over_ranks(self.device) if self.ctx.enabled else totals
+
+    def sgd_step(self, loss: torch.Tensor) -> None:
+        """Backward, gradients averaged over the ranks, the optimizer's step, then rank 0's model
+        buffers everywhere (BatchNorm statistics, as DDP's broadcast_buffers)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.ctx.enabled:
+            parallel.average_gradients(self.params)
+        self.optimizer.step()
+        if self.ctx.enabled:
+            parallel.broadcast_buffers(self.model)
+
+    def record_epoch(self, epoch: int, totals: EpochTotals, test: ImageDataset | None, t0: float) -> dict[str, Any]:
+        """The epoch's history row (loss, training accuracy, lr, each part's loss, test clean accuracy,
+        seconds since ``t0``), appended to the history and logged; returned."""
+        row = {"epoch": epoch, "loss": totals.mean(totals.loss), "train_acc": totals.mean(totals.correct),
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update({f"{k}_loss": totals.mean(v) for k, v in totals.parts.items()})
+        if test is not None:
+            row["test_acc"] = clean_accuracy(self.model, test, self.device)
+        row["time_s"] = time.time() - t0
+        self.history.append(row)
+        test_txt = f" test-clean {row['test_acc']:.4f}" if test is not None else ""
+        parts_txt = "".join(f" {k} {totals.mean(v):.4f}" for k, v in totals.parts.items())
+        self.log(f"[{self.tag}] epoch {epoch:3d}/{self.epochs} loss {row['loss']:.4f}{parts_txt} "
+                 f"train-acc {row['train_acc']:.4f}{test_txt} ({row['time_s']:.1f}s)")
+        return row
+
+    def save_state(self, path: str, epoch: int, config: dict[str, Any] | None) -> None:
+        """Write the whole training state after ``epoch`` to ``path`` (atomically, rank 0), with
+        every rank's RNG streams, so that :meth:`resume` continues exactly."""
+        rngs = parallel.all_gather_object(rng_state())
+        if not self.ctx.is_main:
+            return
+        atomic_torch_save({
+            "epoch": epoch, "epochs": self.epochs, "tag": self.tag,
+            "model": _cpu_state(self.model), "method": _cpu_state(self.method),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "loader_generator": self.order.get_state(), "rng": rngs[0],
+            **({"rng_ranks": rngs, "world_size": self.ctx.world_size} if self.ctx.enabled else {}),
+            "history": self.history, "config": config,
+        }, path)
+
+
 def fit(
     model: nn.Module,
     method: Method,
@@ -150,7 +308,7 @@ def fit(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-    lr_milestones: tuple[float, ...] | list[float] = (0.5, 0.75),
+    lr_milestones: Sequence[float] = (0.5, 0.75),
     augment: bool = False,
     device: torch.device,
     seed: int = 0,
@@ -162,15 +320,19 @@ def fit(
     resume: bool = False,
     config: dict[str, Any] | None = None,
     deterministic: bool = True,
+    callbacks: Sequence[EpochEndCallback] = (),
 ) -> list[dict[str, Any]]:
     """SGD over the model's and the method's parameters, lr x0.1 at ``lr_milestones`` (fractions
     of ``epochs``); returns the history, one dict per epoch: loss, training accuracy (on the inputs
-    the method trains on, adversarial ones for robust methods), lr, test clean accuracy, seconds.
+    the method trains on, adversarial ones for robust methods), lr (after the epoch's schedule
+    step), each loss part, test clean accuracy, seconds.
 
     ``state_path``: after every epoch the whole training state (model, method incl. GACD's memory
     bank buffers, optimizer, LR scheduler, data-order generator, torch/numpy/python RNG states,
     epoch, history, ``config``) is written there atomically. ``resume``: start from that file when
     it exists (its config must match ``config``), so that the run ends exactly as an uninterrupted one.
+    ``callbacks``: each called as ``callback(tag, epoch)`` after every epoch, once its state file is
+    written (see :data:`EpochEndCallback`).
 
     Under torch.distributed (see :mod:`.parallel`): ``batch_size`` is the global batch, each rank
     trains on its part; the parameters start from rank 0's, the gradients are averaged over the
@@ -178,110 +340,33 @@ def fit(
     each rank has its own RNG stream (all saved in the state file); rank 0 alone logs (the epoch's
     loss and accuracy summed over the ranks), shows progress and writes the state file.
     """
-    ctx = parallel.current()
-    progress = progress and ctx.is_main
-    model.to(device)
-    method.to(device)
-    if ctx.enabled:  # identical start everywhere (they already are, with the same seed; made sure)
-        parallel.broadcast_module(model)
-        parallel.broadcast_module(method)
-    params = [p for p in list(model.parameters()) + list(method.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps = sorted({max(1, round(f * epochs)) for f in lr_milestones if 0 < f < 1})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=steps, gamma=0.1)
-    gen = torch.Generator().manual_seed(seed)  # data order
-    history: list[dict[str, Any]] = []
-    start = 1
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}] must be callable as callback(tag, epoch), got {type(cb).__name__}")
+    run = _Training(model, method, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    lr_milestones=lr_milestones, device=device, seed=seed, tag=tag, log=log)
     if resume and state_path and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        check_resumable(state_path, state.get("config"), config)
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["loader_generator"])
-        saved_world = int(state.get("world_size", 1))
-        rngs = state.get("rng_ranks") or [state["rng"]]
-        if ctx.rank < len(rngs):
-            set_rng_state(rngs[ctx.rank])
-        else:
-            torch.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
-        history = list(state["history"])
-        start = int(state["epoch"]) + 1
-        log(f"[{tag}] resuming after epoch {start - 1}/{epochs} from {state_path}")
-        if saved_world != ctx.world_size:
-            log(f"[{tag}] note: {state_path} was written by {saved_world} process(es), now {ctx.world_size}: "
-                "the run continues, but not exactly as an uninterrupted one")
-    elif ctx.rank > 0:
-        torch.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
-    if start == 1:
-        method.prepare(train, device)  # e.g. GACD's bank prefill (every rank the same rows); a resumed run has its state
-    n_batches = (len(train) + batch_size - 1) // batch_size
-    if ctx.enabled:
-        log(f"[{tag}] torch.distributed: {ctx.world_size} processes ({torch.distributed.get_backend()}), global batch "
-            f"{batch_size} split over them, gradients averaged")
+        start = run.resume(state_path, config, seed)
+    else:
+        start = run.start_fresh(train, seed)
+    if run.ctx.enabled:
+        log(f"[{tag}] torch.distributed: {run.ctx.world_size} processes ({torch.distributed.get_backend()}), global "
+            f"batch {batch_size} split over them, gradients averaged")
+    progress = progress and run.ctx.is_main
     epoch_bar = bar(total=epochs, initial=start - 1, desc=tag or "train", unit="epoch", progress=progress)
     with deterministic_algorithms(deterministic), epoch_bar:
         for epoch in range(start, epochs + 1):
-            model.train()
-            method.train()
             t0 = time.time()
-            total, correct, loss_sum = 0, 0, 0.0
-            parts_sum: dict[str, float] = {}
-            batches = bar(iterate(train, batch_size, shuffle=True, generator=gen, augment=augment, device=device,
-                                  rank=ctx.rank, world_size=ctx.world_size),
-                          total=n_batches, desc=f"{tag} epoch {epoch}/{epochs}", unit="batch", leave=False,
-                          progress=progress)
-            for x, y, idx in batches:
-                out = method.step(model, x, y, idx)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if ctx.enabled:
-                    parallel.average_gradients(params)
-                opt.step()
-                if ctx.enabled:
-                    parallel.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as DDP's broadcast_buffers
-                loss_sum += float(out.loss.detach()) * y.shape[0]
-                correct += int((out.logits.detach().argmax(1) == y).sum())
-                total += y.shape[0]
-                for k, v in out.parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * y.shape[0]
-                batches.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}", refresh=False)
-            batches.close()
-            sched.step()
-            if ctx.enabled:  # the epoch's numbers over every rank's samples
-                keys = sorted(parts_sum)
-                sums = parallel.all_reduce_sum([loss_sum, float(correct), float(total)] + [parts_sum[k] for k in keys], device)
-                loss_sum, correct, total = sums[0], int(sums[1]), int(sums[2])
-                parts_sum = dict(zip(keys, sums[3:]))
-            row = {"epoch": epoch, "loss": loss_sum / max(1, total), "train_acc": correct / max(1, total),
-                   "lr": opt.param_groups[0]["lr"]}
-            row.update({f"{k}_loss": v / max(1, total) for k, v in parts_sum.items()})  # e.g. GACD's ce and gacd terms
-            if test is not None:
-                row["test_acc"] = clean_accuracy(model, test, device)
-            row["time_s"] = time.time() - t0
-            history.append(row)
-            test_txt = f" test-clean {row['test_acc']:.4f}" if test is not None else ""
-            parts_txt = "".join(f" {k} {v / max(1, total):.4f}" for k, v in parts_sum.items())
-            log(f"[{tag}] epoch {epoch:3d}/{epochs} loss {row['loss']:.4f}{parts_txt} train-acc {row['train_acc']:.4f}{test_txt} "
-                f"({row['time_s']:.1f}s)")
+            totals = run.train_epoch(train, epoch, batch_size=batch_size, augment=augment, progress=progress)
+            row = run.record_epoch(epoch, totals, test, t0)
             epoch_bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}", refresh=False)
             epoch_bar.update(1)
             if state_path:
-                rngs = parallel.all_gather_object(rng_state())  # every rank's RNG streams, for an exact --resume
-                if ctx.is_main:
-                    atomic_torch_save({
-                        "epoch": epoch, "epochs": epochs, "tag": tag,
-                        "model": _cpu_state(model), "method": _cpu_state(method),
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "loader_generator": gen.get_state(), "rng": rngs[0],
-                        **({"rng_ranks": rngs, "world_size": ctx.world_size} if ctx.enabled else {}),
-                        "history": history, "config": config,
-                    }, state_path)
-            for hook in list(EPOCH_END_HOOKS):
-                hook(tag, epoch)
+                run.save_state(state_path, epoch, config)
+            for callback in callbacks:
+                callback(tag, epoch)
     model.eval()
-    return history
+    return run.history
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
