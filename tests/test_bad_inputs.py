@@ -13,7 +13,7 @@ import gacd_fast
 from gacd_fast import backends
 from gacd_fast.ops import reference
 
-BACKENDS = [b for b in ("torch", "cext", "triton") if backends.unavailable_reason(b, torch.device("cpu")) is None]
+BACKENDS = gacd_fast.available_backends("cpu")
 
 
 @pytest.fixture(params=BACKENDS)
