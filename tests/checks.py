@@ -2,6 +2,7 @@
 module and the backend-specific tests (split-K, tiles, huge norms, ...)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gacd_fast
@@ -9,6 +10,12 @@ import oracles
 from tolerances import assert_close
 
 NCE_NAMES = ("query", "positive", "negatives")
+
+
+def backend_params(names):
+    """``names`` as pytest params; triton's carry the ``interpreter`` marker (CPU tensors run it
+    under the Triton interpreter)."""
+    return [pytest.param(name, marks=[pytest.mark.interpreter] if name == "triton" else []) for name in names]
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:

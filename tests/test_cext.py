@@ -43,6 +43,7 @@ def test_bank_updated_in_place_after_forward(ops):
     assert_close(q.grad, want, torch.float32, "dq")
 
 
+@pytest.mark.slow
 def test_opcheck(ops):
     B, K, D, M = 3, 37, 5, 4
     for mode in ("shared", "index64"):
@@ -136,6 +137,7 @@ def test_backend_selection(ops):
     assert name == "cext" and fn is cext_backend.info_nce_rows
 
 
+@pytest.mark.slow
 def test_auto_never_compiles(ops, tmp_path):
     """With nothing built, "auto" passes over cext quietly (no compile); explicit use would build."""
     if cext_backend._aot_origin() is not None:

@@ -17,12 +17,11 @@ import torch
 
 import gacd_fast
 import oracles
-from checks import assert_grads_close, check_info_nce, leaves, result_dtype
+from checks import assert_grads_close, backend_params, check_info_nce, leaves, result_dtype
 from inputs import info_nce_inputs, pgd_images
 from tolerances import assert_close
 
-BACKENDS = [pytest.param(name, marks=[pytest.mark.interpreter] if name == "triton" else [])
-            for name in gacd_fast.available_backends("cpu")]
+BACKENDS = backend_params(gacd_fast.available_backends("cpu"))
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in
           (torch.float32, torch.float64, torch.float16, torch.bfloat16)]
 LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -16,7 +16,7 @@ from inputs import info_nce_inputs
 from tolerances import assert_close
 
 DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else (["cuda"] if torch.cuda.is_available() else [])
-pytestmark = pytest.mark.parametrize("device", DEVICES)
+pytestmark = [pytest.mark.parametrize("device", DEVICES)] + ([pytest.mark.interpreter] if DEVICES == ["cpu"] else [])
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +31,7 @@ def _default_splits():
 TILE_SHAPES = [(70, 40, 20, None), (3, 1100, 31, None), (4, 60, 1000, 7), (2, 30, 8, 1100)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", TILE_SHAPES, ids=str)
 def test_several_tiles(device, shape):
     check_info_nce("triton", *info_nce_inputs(*shape, device=device))
@@ -44,6 +45,7 @@ def test_split_k(device, M, splits):
     check_info_nce("triton", *info_nce_inputs(9, 301, 40, M, device=device), reduction="sum")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("M", [None, 37])
 def test_deterministic(device, M):
     KN.config.num_splits = 3
@@ -58,6 +60,7 @@ def test_deterministic(device, M):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("M", [None, 4])
 def test_opcheck(device, M):
     q, p, n, idx = info_nce_inputs(3, 10, 7, M, device=device)
@@ -72,6 +75,7 @@ def test_opcheck(device, M):
     torch.library.opcheck(ops.info_nce_bwd_n.default, (g, q, n, idx, lse, 1 / 0.07, True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("M", [None, 5])
 @pytest.mark.parametrize("D", [24, 300])
 def test_dq_in_forward_matches_deferred(device, M, D):

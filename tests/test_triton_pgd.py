@@ -16,7 +16,7 @@ from tolerances import assert_close
 
 # CPU tensors need the interpreter; on a GPU machine run with TRITON_INTERPRET=0 to test CUDA.
 DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else (["cuda"] if torch.cuda.is_available() else [])
-pytestmark = pytest.mark.parametrize("device", DEVICES)
+pytestmark = [pytest.mark.parametrize("device", DEVICES)] + ([pytest.mark.interpreter] if DEVICES == ["cpu"] else [])
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_several_programs(device, norm):

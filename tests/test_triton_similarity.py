@@ -12,7 +12,7 @@ import gacd_fast
 from gacd_fast.ops import triton_backend as TB
 
 DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else (["cuda"] if torch.cuda.is_available() else [])
-pytestmark = pytest.mark.parametrize("device", DEVICES)
+pytestmark = [pytest.mark.parametrize("device", DEVICES)] + ([pytest.mark.interpreter] if DEVICES == ["cpu"] else [])
 
 def test_float64_stays_float64(device):
     a64 = torch.randn(7, 13, device=device, dtype=torch.float64, requires_grad=True)
