@@ -136,8 +136,8 @@ def pgd_l2_step(
     perturbation scaled by min(1, eps / ||delta||), then clamped. Returns float64 [B, ...]."""
     x_adv, grad, x_nat = _f64(x_adv), _f64(grad), _f64(x_nat)
     batch = x_adv.shape[0]
-    alphas, radii = (v.double().flatten() if isinstance(v, torch.Tensor) else torch.full((batch,), float(v)).double()
-                     for v in (alpha, eps))
+    alphas, radii = (v.double().flatten() if isinstance(v, torch.Tensor)
+                     else torch.full((batch,), float(v), dtype=torch.float64) for v in (alpha, eps))
     out = torch.empty_like(x_adv)
     for i in range(batch):
         g_norm = grad[i].norm()
