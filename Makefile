@@ -10,7 +10,7 @@ NODEPS  := mlxtend==0.25.0 torchattacks==3.5.1
 PEERS   := pytorch-metric-learning==2.9.0 scipy requests
 STAMP   := .venv/.installed
 
-.PHONY: demo test bench clean ext kernel-report gpu-check
+.PHONY: demo test test-fast bench clean ext kernel-report gpu-check
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -22,8 +22,13 @@ $(STAMP): setup.py Makefile
 demo: $(STAMP)
 	$(PY) -m gacd_fast demo --out runs/demo
 
+# Everything (markers in pytest.ini); test-fast: the edit-run loop, under a minute, without the
+# tests marked slow, distributed or gpu.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed and not gpu" tests
 
 # Compile the C++ extension ahead of time (gacd_fast/_C*.so, in place for the editable install);
 # without it the cext backend compiles JIT on first explicit use. CUDA sources only with a CUDA torch.

@@ -23,6 +23,11 @@ settings.register_profile("long", max_examples=1500, deadline=None, suppress_hea
 settings.load_profile(os.environ.get("GACD_FAST_HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
     torch.manual_seed(0)

@@ -13,10 +13,12 @@ import gacd_fast
 from gacd_fast import backends
 from gacd_fast.ops import reference
 
-BACKENDS = [b for b in ("torch", "cext", "triton") if backends.unavailable_reason(b, torch.device("cpu")) is None]
+from checks import backend_params
+
+BACKENDS = gacd_fast.available_backends("cpu")
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backend_params(BACKENDS))
 def backend(request):
     return request.param
 
@@ -65,6 +67,7 @@ for call in calls:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("cext" not in BACKENDS, reason="the C++ extension cannot be built here")
 def test_cpp_entry_points_validate_on_their_own():
     """Calling torch.ops.gacd_fast.* directly with bad shapes never kills the process: each is a

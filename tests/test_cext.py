@@ -1,15 +1,18 @@
-"""The C++ extension backend ("cext") on CPU tensors against the reference.
+"""The C++ extension backend ("cext"), what only it has: a bank of several chunks, the bank updated
+in place, opcheck, torch.compile, determinism, its own argument checks, build/auto/announce.
+Values and gradients at small odd shapes on every backend are in tests/test_conformance.py.
 
-The extension is built (or loaded from torch's cache) once per test session. Values and every
-gradient are compared with the float64 reference; gradcheck runs in float64 through the op.
+The extension is built (or loaded from torch's cache) once per test session.
 """
 import pytest
 import torch
 
 import gacd_fast
-from gacd_fast import functional as gf
-from gacd_fast.ops import cext_backend, cext_build, reference
-from tests.tolerances import assert_close
+import oracles
+from checks import check_info_nce
+from gacd_fast.ops import cext_backend, cext_build
+from inputs import info_nce_inputs
+from tolerances import assert_close
 
 
 @pytest.fixture(scope="session")
@@ -21,189 +24,35 @@ def ops():
     return torch.ops.gacd_fast
 
 
-# B, K, D, M (M: negatives per row in neg_index mode)
-SHAPES = [(1, 1, 1, 1), (3, 129, 31, 5), (17, 300, 200, 17), (5, 9000, 7, 3)]
-MODES = ["shared", "index64", "index32"]
-
-
-def _inputs(B, K, D, M, mode, dtype=torch.float32, bank_grad=True):
-    q = torch.randn(B, D, dtype=dtype).requires_grad_()
-    p = (torch.randn(B, D, dtype=dtype) + 0.5).requires_grad_()
-    n = torch.randn(K, D, dtype=dtype).requires_grad_(bank_grad)
-    idx = None
-    if mode != "shared":
-        idx = torch.randint(0, K, (B, M), dtype=torch.int64 if mode == "index64" else torch.int32)
-    return q, p, n, idx
-
-
-def _oracle(q, p, n, idx, tau, normalize, g):
-    """float64 reference rows and their gradients for the cotangent g."""
-    q64, p64, n64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (q, p, n))
-    rows = reference.info_nce_rows(q64, p64, n64, idx, tau, normalize)
-    wrt = [t for t in (q64, p64, n64) if t.requires_grad]
-    grads = torch.autograd.grad(rows, wrt, g.double())
-    return rows, grads
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("M", [None, 3])
 @pytest.mark.parametrize("bank_grad", [True, False])
-def test_info_nce_rows_values_and_grads(ops, shape, mode, normalize, bank_grad):
-    B, K, D, M = shape
-    q, p, n, idx = _inputs(B, K, D, M, mode, bank_grad=bank_grad)
-    tau = 0.2 if normalize else 3.0
-    g = torch.randn(B)  # an arbitrary cotangent, as weighted_reduce produces
-    rows = cext_backend.info_nce_rows(q, p, n, idx, tau, normalize)
-    assert rows.dtype == torch.float32 and rows.shape == (B,)
-    ref, ref_grads = _oracle(q, p, n, idx, tau, normalize, g)
-    assert_close(rows, ref, torch.float32, "rows")
-    wrt = [t for t in (q, p, n) if t.requires_grad]
-    grads = torch.autograd.grad(rows, wrt, g)
-    for name, got, want in zip("qpn", grads, ref_grads):
-        assert got.dtype == torch.float32
-        assert_close(got, want, torch.float32, f"d{name}")
-
-
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("mode", ["shared", "index64"])
-@pytest.mark.parametrize("weights", [None, "random", "some_zero", "all_zero"])
-def test_info_nce_public_api(ops, reduction, mode, weights):
-    B, K, D, M = 17, 257, 33, 11
-    q, p, n, idx = _inputs(B, K, D, M, mode)
-    w = {None: None, "random": torch.rand(B), "some_zero": torch.rand(B) * (torch.arange(B) % 3 != 0),
-         "all_zero": torch.zeros(B)}[weights]
-    out = gacd_fast.info_nce(q, p, n, temperature=0.07, weights=w, neg_index=idx, reduction=reduction, backend="cext")
-    q64, p64, n64 = (t.detach().double().requires_grad_() for t in (q, p, n))
-    ref = gf.weighted_reduce(reference.info_nce_rows(q64, p64, n64, idx, 0.07, True), w, reduction)
-    assert_close(out, ref, torch.float32, "loss")
-    cot = torch.randn(out.shape)
-    got = torch.autograd.grad(out, (q, p, n), cot)
-    want = torch.autograd.grad(ref, (q64, p64, n64), cot.double())
-    for name, a, b in zip("qpn", got, want):
-        assert_close(a, b, torch.float32, f"d{name}")
-    if weights == "all_zero" and reduction != "none":
-        assert out.item() == 0 and all(bool((x == 0).all()) for x in got)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["shared", "index64"])
-def test_info_nce_low_precision(ops, dtype, mode):
-    q, p, n, idx = _inputs(3, 129, 31, 5, mode, dtype=dtype)
-    g = torch.randn(3)
-    rows = cext_backend.info_nce_rows(q, p, n, idx, 0.5, True)
-    assert rows.dtype == torch.float32
-    ref, ref_grads = _oracle(q, p, n, idx, 0.5, True, g)
-    assert_close(rows, ref, dtype, "rows")
-    for name, got, want in zip("qpn", torch.autograd.grad(rows, (q, p, n), g), ref_grads):
-        assert got.dtype == dtype
-        assert_close(got, want, dtype, f"d{name}")
-
-
-@pytest.mark.parametrize("mode", ["shared", "index64"])
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("bank_grad", [True, False])
-def test_gradcheck_float64(ops, mode, normalize, bank_grad):
-    q, p, n, idx = _inputs(3, 11, 5, 4, mode, dtype=torch.float64, bank_grad=bank_grad)
-    tau = 0.3 if normalize else 2.0
-    fn = lambda q, p, n: cext_backend.info_nce_rows(q, p, n, idx, tau, normalize)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, p, n))
-
-
-def test_float64_rows_are_float64(ops):
-    q, p, n, idx = _inputs(3, 40, 6, 2, "shared", dtype=torch.float64)
-    rows = cext_backend.info_nce_rows(q, p, n, None, 0.1, True)
-    assert rows.dtype == torch.float64
-    assert_close(rows, reference.info_nce_rows(q, p, n, None, 0.1, True), torch.float64, "rows")
+def test_bank_of_several_chunks(ops, M, bank_grad):
+    """K = 9000: more than one bank chunk (8192 rows), merged in group order."""
+    check_info_nce("cext", *info_nce_inputs(5, 9000, 7, M), need=(True, True, bank_grad), temperature=0.2,
+                   reduction="none")
 
 
 def test_bank_updated_in_place_after_forward(ops):
     """With the query's gradient folded into the forward, the bank is not saved for backward."""
-    q, p, n, _ = _inputs(4, 50, 8, 1, "shared", bank_grad=False)
+    q, p, n, _ = info_nce_inputs(4, 50, 8, None, grad=(True, True, False))
     rows = cext_backend.info_nce_rows(q, p, n, None, 0.1, True)
-    ref, ref_grads = _oracle(q, p, n, None, 0.1, True, torch.ones(4))
+    q64 = q.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(oracles.info_nce_rows(q64, p.double(), n.double(), None, 0.1, True).sum(), q64)
     n.mul_(0.5).add_(1.0)  # a momentum update of the memory bank
     rows.sum().backward()
-    assert_close(q.grad, ref_grads[0], torch.float32, "dq")
+    assert_close(q.grad, want, torch.float32, "dq")
 
 
-def test_normalize_and_cosine(ops):
-    for N, D in [(1, 1), (3, 31), (17, 200)]:
-        a = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(cext_backend.l2_normalize, (a,))
-        assert torch.autograd.gradcheck(cext_backend.cosine_similarity, (a, b))
-        a32, b32 = a.detach().float(), b.detach().float()
-        assert_close(cext_backend.l2_normalize(a32), reference.l2_normalize(a.detach()), torch.float32, "normalize")
-        cos = cext_backend.cosine_similarity(a32, b32)
-        assert cos.dtype == torch.float32
-        assert_close(cos, reference.cosine_similarity(a.detach(), b.detach()), torch.float32, "cosine")
-    z = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)  # ||x|| < eps: x / eps
-    assert torch.equal(cext_backend.l2_normalize(z), torch.zeros(2, 5, dtype=torch.float64))
-    tiny = torch.full((2, 3), 1e-14, dtype=torch.float64, requires_grad=True)  # Jacobian I / eps there
-    cot = torch.randn(2, 3, dtype=torch.float64)
-    (got,) = torch.autograd.grad(cext_backend.l2_normalize(tiny), (tiny,), cot)
-    (want,) = torch.autograd.grad(reference.l2_normalize(tiny), (tiny,), cot)
-    assert_close(got, want, torch.float64, "normalize backward below eps")
-    for dtype in (torch.float16, torch.bfloat16):
-        x = torch.randn(7, 19).to(dtype)
-        out = gacd_fast.l2_normalize(x, backend="cext")
-        assert out.dtype == dtype
-        assert_close(out, reference.l2_normalize(x.double()), dtype, "normalize low precision")
-
-
-def _pgd_args(dtype, per_sample):
-    B = 5
-    x_nat = torch.rand(B, 3, 7, 9).to(dtype)
-    x_adv = (x_nat + 0.03 * torch.randn(x_nat.shape).to(dtype)).clamp(0, 1)
-    grad = torch.randn(x_nat.shape).to(dtype)
-    grad[0, 0, 0, :3] = 0  # sign(0) = 0
-    grad[1] = 0  # l2: a zero-norm gradient takes no step
-    if per_sample:
-        return x_adv, grad, x_nat, torch.rand(B) * 0.02, torch.rand(B) * 0.05
-    return x_adv, grad, x_nat, 2 / 255, 8 / 255
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_pgd_linf_bitwise(ops, dtype, per_sample):
-    x_adv, grad, x_nat, alpha, eps = _pgd_args(dtype, per_sample)
-    want = reference.pgd_step_(x_adv.clone(), grad, x_nat, alpha, eps, 0.0, 1.0, "linf")
-    got = x_adv.clone()
-    out = gacd_fast.pgd_step_(got, grad, x_nat, alpha=alpha, eps=eps, backend="cext")
-    assert out is got
-    assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_pgd_l2(ops, dtype, per_sample):
-    x_adv, grad, x_nat, alpha, eps = _pgd_args(dtype, per_sample)
-    alpha = alpha * 20 if per_sample else 0.5  # large steps: the projection is exercised
-    want = reference.pgd_step_(x_adv.clone(), grad, x_nat, alpha, eps, 0.0, 1.0, "l2")
-    got = gacd_fast.pgd_step_(x_adv.clone(), grad, x_nat, alpha=alpha, eps=eps, norm="l2", backend="cext")
-    assert_close(got, want, dtype, "l2 step")
-
-
-def test_pgd_non_contiguous(ops):
-    x_nat = torch.rand(4, 6, 5).transpose(1, 2)
-    x_adv = (x_nat + 0.01).clamp(0, 1)
-    grad = torch.randn(4, 5, 6)
-    want = reference.pgd_step_(x_adv.clone(), grad, x_nat, 0.01, 0.02, 0.0, 1.0, "linf")
-    got = x_adv.clone()
-    assert gacd_fast.pgd_step_(got, grad, x_nat, alpha=0.01, eps=0.02, backend="cext") is got
-    assert torch.equal(got, want)
-
-
+@pytest.mark.slow
 def test_opcheck(ops):
     B, K, D, M = 3, 37, 5, 4
     for mode in ("shared", "index64"):
         for bank_grad in (True, False):
-            q, p, n, idx = _inputs(B, K, D, M, mode, bank_grad=bank_grad)
+            q, p, n, idx = info_nce_inputs(B, K, D, M if mode == "index64" else None, grad=(True, True, bank_grad))
             for normalize in (True, False):
                 compute_dq = not bank_grad
                 torch.library.opcheck(ops.info_nce_forward.default, (q, p, n, idx, 0.2, normalize, compute_dq))
-    q, p, n, idx = _inputs(B, K, D, M, "shared", dtype=torch.float64)
+    q, p, n, idx = info_nce_inputs(B, K, D, None, torch.float64)
     _, lse, _ = ops.info_nce_forward(q.detach(), p.detach(), n.detach(), None, 0.2, True, False)
     torch.library.opcheck(ops.info_nce_backward.default,
                           (torch.randn(B, dtype=torch.float64), q.detach(), p.detach(), n.detach(), None, lse, None,
@@ -219,7 +68,7 @@ def test_opcheck(ops):
 
 
 def test_torch_compile(ops):
-    q, p, n, idx = _inputs(5, 70, 12, 1, "shared", bank_grad=False)
+    q, p, n, _ = info_nce_inputs(5, 70, 12, None, grad=(True, True, False))
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def loss_fn(q, p, n):
@@ -227,14 +76,15 @@ def test_torch_compile(ops):
 
     got = loss_fn(q, p, n)
     (dq,) = torch.autograd.grad(got, (q,))
-    ref = reference.info_nce_rows(q, p, n, None, 0.1, True).mean()
-    (dq_ref,) = torch.autograd.grad(ref, (q,))
+    q64 = q.detach().double().requires_grad_()
+    ref = oracles.info_nce_rows(q64, p.double(), n.double(), None, 0.1, True).mean()
+    (dq_ref,) = torch.autograd.grad(ref, (q64,))
     assert_close(got, ref, torch.float32, "compiled loss")
     assert_close(dq, dq_ref, torch.float32, "compiled dq")
 
 
 def test_deterministic(ops):
-    q, p, n, idx = _inputs(9, 600, 16, 40, "index64")
+    q, p, n, idx = info_nce_inputs(9, 600, 16, 40, grad=(True, True, True))
     idx[:, :20] = 3  # many rows share bank row 3: the column-owned sum must not depend on threads
     runs = []
     for _ in range(2):
@@ -287,6 +137,7 @@ def test_backend_selection(ops):
     assert name == "cext" and fn is cext_backend.info_nce_rows
 
 
+@pytest.mark.slow
 def test_auto_never_compiles(ops, tmp_path):
     """With nothing built, "auto" passes over cext quietly (no compile); explicit use would build."""
     if cext_build.aot_library() is not None:

@@ -24,6 +24,8 @@ CASES = {
     "queue_trained_teacher_head": dict(bank="queue", num_negatives=11, teacher_head="train"),
 }
 
+pytestmark = pytest.mark.distributed
+
 
 class Pair(nn.Module):
     def __init__(self, case: dict) -> None:

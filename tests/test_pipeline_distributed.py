@@ -28,6 +28,8 @@ from test_pipeline_cli import check_results_schema
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 
+pytestmark = pytest.mark.distributed
+
 
 
 def toy_data(n: int) -> ImageDataset:

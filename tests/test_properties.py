@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_properties_in_a_child_process(request):
     profile = request.config.getoption("hypothesis_profile", default=None) or os.environ.get(
         "GACD_FAST_HYPOTHESIS_PROFILE", "ci")
