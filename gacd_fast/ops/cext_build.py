@@ -9,6 +9,7 @@ flags and source lists here for the ahead-of-time build.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -99,8 +100,17 @@ def builds_cuda() -> bool:
     return torch.version.cuda is not None and find_cuda_home() is not None
 
 
+@lru_cache(maxsize=None)
 def _jit_name(with_cuda: bool) -> str:
-    return "gacd_fast_cext_cuda" if with_cuda else "gacd_fast_cext"
+    """The JIT build's name carries a digest of the sources and flags: a build from other sources
+    (another checkout, an older commit) lives in another folder and is never loaded by mistake.
+    Loading a library whose kernels do not match the schemas defined in Python would abort the
+    process while it registers, so "fresh" must mean "built from these very sources"."""
+    digest = hashlib.sha256(" ".join(CXX_FLAGS + LD_FLAGS + CUDA_FLAGS).encode())
+    root = source_dir()
+    for path in sorted(p for p in _build_inputs(with_cuda) if p.exists()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return f"gacd_fast_cext{'_cuda' if with_cuda else ''}_{digest.hexdigest()[:12]}"
 
 
 def _jit_library(with_cuda: bool) -> Path:
@@ -137,8 +147,7 @@ def is_built() -> bool:
     if _loaded is not None or _ops_present() or aot_library() is not None:
         return True
     try:
-        with_cuda = builds_cuda()
-        return _fresh(_jit_library(with_cuda), with_cuda)
+        return _jit_library(builds_cuda()).exists()
     except (OSError, ValueError, AttributeError):  # _get_build_directory is private to torch
         return False
 
