@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from gacd_fast.ops import cext_backend
+from gacd_fast.ops import cext_build
 
-CU_FILES = sorted(Path(cext_backend.source_dir(), "cuda").glob("*.cu"))
+CU_FILES = sorted(Path(cext_build.source_dir(), "cuda").glob("*.cu"))
 
 
 def _nvcc() -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        home = cext_backend.find_cuda_home()
+        home = cext_build.find_cuda_home()
         if home and Path(home, "bin", "nvcc").exists():
             nvcc = str(Path(home, "bin", "nvcc"))
     if nvcc is None:
