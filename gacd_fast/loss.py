@@ -311,7 +311,8 @@ class GACDLoss(nn.Module):
         """The terms' weighted losses summed and reduced (over the global batch under
         torch.distributed: see :func:`collectives.global_reduce`)."""
         reduction = "none" if dist_on else self.reduction
-        loss = sum(self._term_loss(position, term, weights, reduction, dist_on) for position, term in enumerate(terms))
+        loss = sum(self._term_loss(position, term, weights, reduction, dist_on)
+                   for position, term in enumerate(terms))
         return collectives.global_reduce(loss, weights, self.reduction) if dist_on else loss
 
     def _term_loss(self, position: int, term: Term, weights, reduction: str, dist_on: bool) -> torch.Tensor:
