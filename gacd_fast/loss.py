@@ -1,13 +1,14 @@
-"""GACDLoss: the teacher-anchored, sample-reweighted contrastive distillation loss."""
+"""GACDLoss: the teacher-anchored, sample-reweighted contrastive distillation loss, and RepDistiller's
+CRDLoss as one configuration of it (:meth:`GACDLoss.from_crd_opt`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, distributed
+from . import backends, collectives
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
@@ -21,9 +22,11 @@ from .memory import BatchNegatives, FeatureQueue, MemoryBank, NegativeBank
 from .ops.reference import NORM_EPS
 from .weighting import WEIGHTINGS, teacher_weights
 
-BANKS = ("memory", "queue", "batch")
-CRITICS = ("infonce", "nce")
+BANKS = ("memory", "queue", "batch")  # the bank kinds (``bank=``, ``NegativeBank.kind``)
+CRITICS = ("infonce", "nce", "crd_nce")
 TEACHER_HEADS = ("frozen", "train")
+CRD_EPS = 1e-7  # RepDistiller's ContrastLoss adds it to every denominator
+CRD_OPTIONS = ("s_dim", "t_dim", "feat_dim", "nce_k", "nce_t", "nce_m", "n_data")  # read by from_crd_opt
 
 
 class Embed(nn.Module):
@@ -37,24 +40,35 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), dim=1, eps=NORM_EPS)
 
 
+class Term(NamedTuple):
+    """One contrastive term: each ``query`` row [B, D] against its ``positive`` row [B, D] and the
+    rows ``neg_index`` [B, M] of ``negatives`` [N, D] (every row of it when ``neg_index`` is None)."""
+
+    query: torch.Tensor
+    positive: torch.Tensor
+    negatives: torch.Tensor
+    neg_index: torch.Tensor | None
+
+
 class GACDLoss(nn.Module):
     """Guided adversarial contrastive distillation loss.
 
     The query is the student's embedding of the (adversarial) input, the positive the teacher's
     embedding of the clean input (the anchor), the negatives teacher embeddings of other samples
     from a bank; each sample is weighted by how far the teacher can be trusted on it.
+    :meth:`from_crd_opt` builds RepDistiller's CRDLoss instead (``critic="crd_nce"``).
 
     Args:
         student_dim, teacher_dim: widths of the student and teacher features (after flattening).
-        num_data: dataset size; required for ``bank="memory"`` and for ``critic="nce"``.
+        num_data: dataset size; required for ``bank="memory"`` and for the NCE critics.
         embed_dim: width of the shared embedding (CRD: 128).
         num_negatives: negatives per sample: sampled bank rows ("memory") or the queue length
             ("queue") (CRD: 16384).
         temperature: tau (CRD: 0.07).
         momentum: memory update rows <- normalize(m * rows + (1 - m) * new) (CRD: 0.5).
-        bank: "memory" (CRD per-sample rows, needs ``index``), "queue" (MoCo FIFO) or "batch"
-            (in-batch negatives: the other samples' teacher embeddings of the batch; under
-            torch.distributed the whole global batch). See :mod:`gacd_fast.memory`.
+        bank: the bank kind: "memory" (CRD per-sample rows, needs ``index``), "queue" (MoCo FIFO)
+            or "batch" (in-batch negatives: the other samples' teacher embeddings of the batch;
+            under torch.distributed the whole global batch). See :mod:`gacd_fast.memory`.
         teacher_head: "frozen" (default): the teacher's embedding head is a fixed random linear
             map, so the teacher embeddings are a fixed function of the frozen teacher and every
             stored row stays exact; "train": trained with the loss, as CRD's ``embed_t`` (its
@@ -62,16 +76,24 @@ class GACDLoss(nn.Module):
             rows from stale ones instead of samples apart: measured in docs/bank_study.md).
         weighting: "confidence" | "correct" | "none" (needs ``teacher_logits`` and ``targets``
             unless "none").
-        critic: "infonce" (log-sum-exp) or "nce" (CRD's h = sigmoid(s/tau - log(K/num_data))).
-        symmetric: also add the student-anchored term (teacher embedding as query against a
-            bank of student embeddings), as CRD does.
-        reduction: "mean" (weighted mean), "sum" or "none" ([B]).
-        backend: backend for the contrastive op (None: the current selection).
+        critic: "infonce" (log-sum-exp against the fresh anchor); "nce" (CRD's critic
+            h = sigmoid(s/tau - log(K/num_data)) against the fresh anchor); "crd_nce" (CRD exactly,
+            needs bank="memory": each embedding is scored against the *stored* rows of the other
+            side at ``contrast_index``, column 0 the positive, rows not re-normalised, with CRD's
+            normaliser Z and eps 1e-7; Z is set once, from the first forward call, to
+            mean(exp(s/tau)) * num_data over that call's [B, 1 + K] scores, kept in the
+            ``crd_z`` buffer ([student-query term, teacher-query term], -1 until set) so a
+            resumed run keeps it; it is read on the host each call, as CRD's ``.item()``).
+        symmetric: also add the teacher-query term (teacher embedding as query against a bank of
+            student embeddings), as CRD does.
+        reduction: "mean" (weighted mean), "sum" or "none" ([B]: each row's terms summed).
+        backend: backend for the InfoNCE op (None: the current selection).
         distributed: act across a torch.distributed process group (None: when one is
             initialised): the loss is reduced over the global batch and scaled so that DDP's
             gradient average equals one process's gradient on the concatenated batch, and the
             banks receive every rank's rows in rank order. Each rank's loss value is its share
-            times the world size (the ranks' mean is the global loss).
+            times the world size (the ranks' mean is the global loss). With "crd_nce", Z is set
+            from the global first batch (all ranks hold the same Z).
 
     Forward: ``loss(f_s, f_t, index=None, contrast_index=None, *, teacher_logits=None,
     targets=None, weights=None, update_bank=None)``. ``loss(f_s, f_t, idx, contrast_idx)`` is
@@ -104,7 +126,7 @@ class GACDLoss(nn.Module):
         check_int("embed_dim", embed_dim, minimum=1)
         self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
         self.temperature = check_temperature(temperature)
-        self.bank_kind = check_option("bank", bank, BANKS)
+        check_option("bank", bank, BANKS)
         self.teacher_head = check_option("teacher_head", teacher_head, TEACHER_HEADS)
         self.weighting = check_option("weighting", weighting, WEIGHTINGS)
         self.critic = check_option("critic", critic, CRITICS)
@@ -113,36 +135,49 @@ class GACDLoss(nn.Module):
         self.backend = _check_backend_name(backend)
         if distributed is not None and not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
-        self.distributed = distributed
+        self.across_ranks = distributed  # None: decided per call (whether a process group is initialised)
         if num_data is not None:
             check_int("num_data", num_data, minimum=2)
-        if num_data is None and (bank == "memory" or critic == "nce"):
+        if num_data is None and (bank == "memory" or critic != "infonce"):
             raise ValueError(f"num_data (the dataset size) is required for bank={bank!r}, critic={critic!r}")
+        if critic == "crd_nce" and bank != "memory":
+            raise ValueError(f"critic='crd_nce' needs bank='memory' (its positives are the samples' stored rows), "
+                             f"got bank={bank!r}")
         self.num_data = num_data
         self.embed_s = Embed(student_dim, embed_dim)
         self.embed_t = Embed(teacher_dim, embed_dim)
         if teacher_head == "frozen":
             self.embed_t.requires_grad_(False)
-        self.bank_t = self._make_bank(embed_dim, momentum)  # teacher embeddings: negatives of the student query
-        self.bank_s = self._make_bank(embed_dim, momentum) if self.symmetric else None  # student embeddings
-
-    def _make_bank(self, dim: int, momentum: float) -> NegativeBank:
-        if self.bank_kind == "memory":
-            return MemoryBank(self.num_data, dim, momentum, self.num_negatives)
-        return FeatureQueue(self.num_negatives, dim) if self.bank_kind == "queue" else BatchNegatives()
+        self.bank_t = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives)  # teacher embeddings
+        self.bank_s = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives) if symmetric else None
+        if critic == "crd_nce":  # CRD's Z per term: [student query vs bank_t, teacher query vs bank_s]
+            self.register_buffer("crd_z", torch.full((2,), -1.0))
 
     @classmethod
-    def from_crd_opt(cls, opt: Any, **kwargs: Any) -> "GACDLoss":
-        """Build from RepDistiller's options (s_dim, t_dim, feat_dim, nce_k, nce_t, nce_m, n_data)."""
-        return cls(
-            opt.s_dim, opt.t_dim, opt.n_data, embed_dim=opt.feat_dim, num_negatives=opt.nce_k,
-            temperature=opt.nce_t, momentum=opt.nce_m, **kwargs,
-        )
+    def from_crd_opt(cls, opt: Any, **overrides: Any) -> "GACDLoss":
+        """RepDistiller's ``CRDLoss(opt)``: same call, same value for the same embedding weights
+        and memory state.
+
+        Reads ``opt.s_dim, t_dim, feat_dim, nce_k, nce_t, nce_m, n_data`` and sets CRD's
+        configuration: ``critic="crd_nce", symmetric=True, bank="memory", teacher_head="train",
+        weighting="none"``. ``overrides`` replace any of these or set other options; GACD's
+        reweighting is ``weighting="confidence"`` (then pass ``teacher_logits`` and ``targets``).
+        One difference remains: with ``contrast_idx=None`` the negatives drawn never include the
+        sample's own row (CRDLoss's draw may); RepDistiller's loaders pass ``contrast_idx``.
+        """
+        missing = [name for name in CRD_OPTIONS if not hasattr(opt, name)]
+        if missing:
+            raise TypeError(f"opt must carry RepDistiller's CRD options {list(CRD_OPTIONS)}; "
+                            f"{type(opt).__name__} lacks {missing}")
+        crd = dict(embed_dim=opt.feat_dim, num_negatives=opt.nce_k, temperature=opt.nce_t, momentum=opt.nce_m,
+                   critic="crd_nce", symmetric=True, bank="memory", teacher_head="train", weighting="none")
+        return cls(opt.s_dim, opt.t_dim, opt.n_data, **{**crd, **overrides})
 
     def sample_contrast_index(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """CRD's ``contrast_idx`` [B, 1 + num_negatives] for dataset rows ``index`` [B]: column 0 the
         sample, then sampled other rows. Pass it to several calls (an attack's and the training
-        loss's) to share their negatives. None for the queue and batch banks (nothing to sample)."""
+        loss's) to share their negatives. None for the queue and batch banks (nothing to sample).
+        A forward call without ``contrast_index`` draws the same way, from the global RNG."""
         return self.bank_t.sample_contrast_index(index, generator)
 
     @torch.no_grad()
@@ -170,36 +205,35 @@ class GACDLoss(nn.Module):
 
         Args:
             index: [B] dataset indices (required for bank="memory").
-            contrast_index: [B, 1 + K] CRD's sampled rows, positive in column 0 (ignored: the
-                anchor is the teacher's embedding of the sample itself); columns 1.. are the
-                negatives (bank="memory" only). Default: ``num_negatives`` rows drawn from all
-                rows but the sample's (see :meth:`sample_contrast_index`).
+            contrast_index: [B, 1 + K] CRD's sampled rows (bank="memory" only), columns 1.. the
+                negatives. Column 0 is the positive for critic="crd_nce"; the other critics
+                ignore it (their anchor is the teacher's embedding of the sample itself).
+                Default: ``num_negatives`` rows drawn from all rows but the sample's (see
+                :meth:`sample_contrast_index`).
             teacher_logits [B, C], targets [B]: for the sample weights.
             weights: [B] explicit per-sample weights (override ``weighting``).
             update_bank: update the bank with this batch (default: ``self.training``).
 
         Returns:
-            float32 scalar (or [B] with reduction="none").
+            float32 scalar (float64 for a float64 module), or [B] with reduction="none".
         """
         batch = self._check_inputs(f_s, f_t, index, contrast_index, update_bank)
-        weights = self._weights(weights, teacher_logits, targets, batch)
-        if self.bank_t.needs_index:
-            if index is None:
-                raise ValueError(f"bank={self.bank_kind!r} needs index, the [B] dataset indices of the batch")
-            index = self.bank_t.check_index("index", index, batch)
-        dist_on = distributed.active(self.distributed)
-        s, t = self.embed_s(f_s), self.embed_t(f_t)
-        dtype = self.bank_t.rows_dtype
-        if dtype is not None:  # match the stored rows' dtype (autocast gives half embeddings)
-            s, t = s.to(dtype), t.to(dtype)
-        loss = self._loss(s, t, index, contrast_index, weights, dist_on)
+        weights = self._sample_weights(weights, teacher_logits, targets, batch)
+        index = self._dataset_index(index, batch)
+        dist_on = collectives.active(self.across_ranks)
+        s, t = self._embed(f_s, f_t)
+        if self.critic == "crd_nce":
+            terms = self._crd_terms(s, t, index, contrast_index)
+        else:
+            terms = self._anchored_terms(s, t, index, contrast_index, dist_on)
+        loss = self._reduced_loss(terms, weights, dist_on)
         if self.training if update_bank is None else update_bank:
-            self.bank_t.update(t.detach(), index, dist_on=dist_on)
-            if self.bank_s is not None:
-                self.bank_s.update(s.detach(), index, dist_on=dist_on)
+            self._update_banks(s, t, index, dist_on)
         return loss
 
+    # -- the steps of forward, in order -----------------------------------------------------
     def _check_inputs(self, f_s, f_t, index, contrast_index, update_bank) -> int:
+        """Types, shapes and devices of the call's tensors; returns the batch size B."""
         check_tensor("f_s", f_s, min_ndim=2)
         check_tensor("f_t", f_t, min_ndim=2)
         if f_s.shape[0] != f_t.shape[0]:
@@ -219,8 +253,8 @@ class GACDLoss(nn.Module):
                 )
         return batch
 
-    def _weights(self, weights, teacher_logits, targets, batch: int) -> torch.Tensor | None:
-        """Explicit ``weights``, else the teacher's (None for weighting="none")."""
+    def _sample_weights(self, weights, teacher_logits, targets, batch: int) -> torch.Tensor | None:
+        """Explicit ``weights``, else the teacher's [B] float32 (None for weighting="none")."""
         if weights is not None or self.weighting == "none":
             return weights
         if teacher_logits is None or targets is None:
@@ -233,27 +267,101 @@ class GACDLoss(nn.Module):
             raise ValueError(f"teacher_logits must have {batch} rows like f_s, got {weights.shape[0]}")
         return weights
 
-    def _loss(self, s, t, index, contrast_index, weights, dist_on: bool) -> torch.Tensor:
-        """The (weighted, reduced) contrastive term(s) against the banks' negatives."""
-        reduction = "none" if dist_on else self.reduction
+    def _dataset_index(self, index, batch: int) -> torch.Tensor | None:
+        """``index`` as [B] int64 rows of the bank when the bank needs it (checked), else as given."""
+        if not self.bank_t.needs_index:
+            return index
+        if index is None:
+            raise ValueError(f"bank={self.bank_t.kind!r} needs index, the [B] dataset indices of the batch")
+        return self.bank_t.check_index("index", index, batch)
+
+    def _embed(self, f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student and teacher embeddings [B, embed_dim], in the stored rows' dtype when the bank
+        stores rows (autocast gives half embeddings)."""
+        s, t = self.embed_s(f_s), self.embed_t(f_t)
+        dtype = self.bank_t.rows_dtype
+        return (s, t) if dtype is None else (s.to(dtype), t.to(dtype))
+
+    def _anchored_terms(self, s, t, index, contrast_index, dist_on: bool) -> list[Term]:
+        """GACD's terms: the student embedding against the teacher's fresh embedding of the same
+        sample (the anchor) and bank_t's negatives; with ``symmetric``, the teacher embedding
+        against the student's and bank_s's rows at the same sampled positions."""
         rows_t, neg_index = self.bank_t.negatives(t, index, contrast_index=contrast_index, dist_on=dist_on)
-        loss = self._term(s, t, rows_t, neg_index, weights, reduction)
-        if self.bank_s is not None:  # the student-anchored term shares the sampled rows
+        terms = [Term(s, t, rows_t, neg_index)]
+        if self.bank_s is not None:
             shared = torch.cat([index[:, None], neg_index], 1) if self.bank_s.needs_index else None
             rows_s, _ = self.bank_s.negatives(s, index, contrast_index=shared, dist_on=dist_on)
-            loss = loss + self._term(t, s, rows_s, neg_index, weights, reduction)
-        return distributed.global_reduce(loss, weights, self.reduction) if dist_on else loss
+            terms.append(Term(t, s, rows_s, neg_index))
+        return terms
 
-    def _term(self, query, positive, negatives, neg_index, weights, reduction):
+    def _crd_terms(self, s, t, index, contrast_index) -> list[Term]:
+        """CRD's ContrastMemory: each embedding against the other side's stored rows at
+        ``contrast_index`` [B, 1 + K], whose column 0 (the sample's own row) is the positive.
+        Without ``contrast_index`` one is drawn as :meth:`sample_contrast_index` draws it."""
+        if contrast_index is None:
+            contrast_index = self.sample_contrast_index(index)
+        terms = []
+        for query, keys, bank in ((s, t, self.bank_t), (t, s, self.bank_s)):
+            if bank is not None:
+                rows, neg_index = bank.negatives(keys, index, contrast_index=contrast_index)  # checks the range
+                terms.append(Term(query, rows[contrast_index[:, 0].long()], rows, neg_index))
+        return terms
+
+    def _reduced_loss(self, terms: list[Term], weights, dist_on: bool) -> torch.Tensor:
+        """The terms' weighted losses summed and reduced (over the global batch under
+        torch.distributed: see :func:`collectives.global_reduce`)."""
+        reduction = "none" if dist_on else self.reduction
+        loss = sum(self._term_loss(position, term, weights, reduction, dist_on)
+                   for position, term in enumerate(terms))
+        return collectives.global_reduce(loss, weights, self.reduction) if dist_on else loss
+
+    def _term_loss(self, position: int, term: Term, weights, reduction: str, dist_on: bool) -> torch.Tensor:
+        """One term under the critic, weighted and reduced by the functional op."""
+        query, positive, negatives, neg_index = term
+        common = dict(temperature=self.temperature, weights=weights, neg_index=neg_index, reduction=reduction)
+        if self.critic == "infonce":
+            return gf.info_nce(query, positive, negatives, backend=self.backend, **common)
         if self.critic == "nce":
-            return gf.nce_loss(
-                query, positive, negatives, num_data=self.num_data, temperature=self.temperature,
-                weights=weights, neg_index=neg_index, reduction=reduction,
-            )
-        return gf.info_nce(
-            query, positive, negatives, temperature=self.temperature, weights=weights,
-            neg_index=neg_index, reduction=reduction, backend=self.backend,
-        )
+            return gf.nce_loss(query, positive, negatives, num_data=self.num_data, **common)
+        # crd_nce: the stored rows are scored as they are (CRD does not re-normalise them)
+        return gf.nce_loss(query, positive, negatives, num_data=self.num_data, eps=CRD_EPS, normalize=False,
+                           normalizer=self._crd_normalizer(position, term, dist_on), **common)
+
+    def _crd_normalizer(self, position: int, term: Term, dist_on: bool) -> float:
+        """CRD's Z of term ``position``: set once, on the first call, to mean(exp(s/tau)) * num_data
+        over the term's [B, 1 + K] scores (the global batch's under torch.distributed, so every
+        rank sets the same Z), then constant. Read on the host, like CRD's ``.item()``."""
+        z = float(self.crd_z[position])
+        if z < 0:
+            self.crd_z[position] = self._mean_exp_score(term, dist_on) * self.num_data
+            z = float(self.crd_z[position])
+        return z
+
+    @torch.no_grad()
+    def _mean_exp_score(self, term: Term, dist_on: bool) -> torch.Tensor:
+        """mean(exp(s/tau)) over the positive and negative scores of ``term`` (in float32, float64
+        for float64 embeddings), over the global batch under torch.distributed."""
+        query, positive, negatives, neg_index = term
+        acc = torch.promote_types(query.dtype, torch.float32)
+        q, p, n = query.to(acc), positive.to(acc), negatives.to(acc)
+        scores = torch.cat([(q * p).sum(1, keepdim=True), torch.einsum("bd,bmd->bm", q, n[neg_index])], 1)
+        sum_and_count = torch.stack([(scores / self.temperature).exp().sum(), scores.new_tensor(scores.numel())])
+        if dist_on:
+            sum_and_count = collectives.all_reduce_sum(sum_and_count)
+        return sum_and_count[0] / sum_and_count[1]
+
+    def _update_banks(self, s: torch.Tensor, t: torch.Tensor, index, dist_on: bool) -> None:
+        """Remember this batch: teacher embeddings in bank_t, student embeddings in bank_s."""
+        self.bank_t.update(t.detach(), index, dist_on=dist_on)
+        if self.bank_s is not None:
+            self.bank_s.update(s.detach(), index, dist_on=dist_on)
+
+
+def _make_bank(kind: str, num_data: int | None, dim: int, momentum: float, num_negatives: int) -> NegativeBank:
+    """A bank of ``kind`` (one of BANKS) for ``dim``-wide embeddings."""
+    if kind == "memory":
+        return MemoryBank(num_data, dim, momentum, num_negatives)
+    return FeatureQueue(num_negatives, dim) if kind == "queue" else BatchNegatives()
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import collectives
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -41,6 +41,8 @@ from .ops.reference import NORM_EPS
 class NegativeBank(nn.Module):
     """The interface GACDLoss uses; subclasses hold the rows (if any) and the update rule."""
 
+    #: the kind's name, GACDLoss's ``bank=`` value
+    kind = ""
     #: whether :meth:`negatives` needs the samples' dataset indices
     needs_index = False
 
@@ -96,8 +98,8 @@ class NegativeBank(nn.Module):
         """Every rank's rows (and indices) in rank order under torch.distributed."""
         if not dist_on:
             return values, index
-        values = distributed.all_gather_rows(values)
-        return values, distributed.all_gather_rows(index) if index is not None else None
+        values = collectives.all_gather_rows(values)
+        return values, collectives.all_gather_rows(index) if index is not None else None
 
 
 class MemoryBank(NegativeBank):
@@ -107,6 +109,7 @@ class MemoryBank(NegativeBank):
     CRD (until :meth:`prefill` or the sample's first update replaces it).
     """
 
+    kind = "memory"
     needs_index = True
 
     def __init__(self, num_data: int, dim: int, momentum: float = 0.5, num_negatives: int = 16384) -> None:
@@ -157,7 +160,7 @@ class MemoryBank(NegativeBank):
     def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
         if contrast_index is None:
             if index is None:
-                raise ValueError("bank='memory' needs index, the [B] dataset indices of the batch")
+                raise ValueError(f"bank={self.kind!r} needs index, the [B] dataset indices of the batch")
             return self.rows, self.sample_negatives(index, generator=generator)
         check_index_range("contrast_index", contrast_index, self.num_data, "rows of the memory bank")
         return self.rows, contrast_index[:, 1:].long()  # column 0 is the sample itself
@@ -189,6 +192,8 @@ class FeatureQueue(NegativeBank):
     so enqueue needs no host sync).
     """
 
+    kind = "queue"
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         check_int("size", size, minimum=1)
@@ -219,12 +224,14 @@ class BatchNegatives(NegativeBank):
     """In-batch negatives: every other key of the batch (of the global batch under
     torch.distributed, gathered with gradients so that each rank's keys get theirs back)."""
 
+    kind = "batch"
+
     def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
         batch = keys.shape[0]
-        offset, total = distributed.rank_offset(batch, keys.device) if dist_on else (0, batch)
+        offset, total = collectives.rank_offset(batch, keys.device) if dist_on else (0, batch)
         if total < 2:
             raise ValueError("bank='batch' needs at least 2 samples in the (global) batch")
-        all_keys = distributed.all_gather_rows(keys, grad=True) if dist_on else keys
+        all_keys = collectives.all_gather_rows(keys, grad=True) if dist_on else keys
         own = torch.arange(offset, offset + batch, device=keys.device)[:, None]
         others = torch.arange(total - 1, device=keys.device)[None, :].expand(batch, -1)
         return all_keys, others + (others >= own).long()

@@ -13,7 +13,7 @@ BANK_KINDS = ("memory", "queue", "batch")
 @pytest.mark.parametrize("bank", BANK_KINDS)
 def test_every_kind_implements_the_interface(bank):
     crit = GACDLoss(6, 5, num_data=20, embed_dim=4, num_negatives=7, bank=bank, weighting="none")
-    assert isinstance(crit.bank_t, NegativeBank)
+    assert isinstance(crit.bank_t, NegativeBank) and crit.bank_t.kind == bank
     keys = F.normalize(torch.randn(3, 4), dim=1)
     rows, neg_index = crit.bank_t.negatives(keys, torch.tensor([0, 5, 9]))
     assert rows.shape[1] == 4

@@ -22,6 +22,8 @@ CASES = {
     "memory_symmetric_sum": dict(bank="memory", num_negatives=6, symmetric=True, reduction="sum"),
     "batch_symmetric": dict(bank="batch", symmetric=True, weighting="correct"),
     "queue_trained_teacher_head": dict(bank="queue", num_negatives=11, teacher_head="train"),
+    # CRD: Z is set from the global first batch, so every rank's Z is one process's
+    "crd_nce": dict(bank="memory", num_negatives=6, symmetric=True, critic="crd_nce", teacher_head="train"),
 }
 
 pytestmark = pytest.mark.distributed
