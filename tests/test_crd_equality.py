@@ -18,11 +18,6 @@ from tolerances import assert_close
 
 OPT = SimpleNamespace(s_dim=2 * 5, t_dim=14, feat_dim=8, nce_k=7, nce_t=0.07, nce_m=0.5, n_data=30)
 BATCH, STEPS, LR = 6, 3, 0.5
-# ops.reference.nce_rows uses F.softplus, whose threshold (20) returns x for x > 20 and so drops up
-# to e^-20 ~ 2e-9 per score: past float64's tolerance once a step's scores cross it (exact with
-# torch.logaddexp(x, 0)). Strict, so the fix in ops/reference.py makes these fail until removed.
-SOFTPLUS_THRESHOLD = pytest.mark.xfail(
-    strict=True, reason="ops.reference.nce_rows: F.softplus threshold=20 loses up to 2e-9 a score in float64")
 
 
 # -- CRD, from its formula -----------------------------------------------------------------------
@@ -151,7 +146,7 @@ def step_and_compare(crd, ours, f_s, f_t, idx, contrast, dtype, what, ours_contr
 
 
 # -- tests ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float64, marks=SOFTPLUS_THRESHOLD), torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_from_crd_opt_equals_crd_over_steps(dtype):
     crd, ours = twins(dtype)
     assert ours.critic == "crd_nce" and ours.symmetric and ours.teacher_head == "train" and ours.weighting == "none"
@@ -165,7 +160,6 @@ def test_from_crd_opt_equals_crd_over_steps(dtype):
     assert torch.equal(ours.crd_z, z_first.crd_z)
 
 
-@SOFTPLUS_THRESHOLD
 def test_without_contrast_idx_the_drawn_rows_give_crd_loss():
     """contrast_idx=None: the module draws as sample_contrast_index does, from the global RNG.
     CRDLoss's own draw (uniform over every row, the sample's own included) is another draw, so
