@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not distributed and not gpu" tests
+	$(PY) -m pytest -q -m "not slow and not distributed and not gpu and not interpreter" tests
 
 # Compile the C++ extension ahead of time (gacd_fast/_C*.so, in place for the editable install);
 # without it the cext backend compiles JIT on first explicit use. CUDA sources only with a CUDA torch.

@@ -261,6 +261,7 @@ def _set_theirs(atk, mode):
         getattr(atk, f"set_mode_targeted_{'by_label' if mode == 'label' else mode}")(quiet=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(TARGETED_MODES))
 def test_targeted_pgd_bitwise_torchattacks(mode):
     ta = _torchattacks()

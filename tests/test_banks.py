@@ -21,6 +21,7 @@ def test_every_kind_implements_the_interface(bank):
         assert neg_index.shape[0] == 3 and int(neg_index.max()) < rows.shape[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bank", BANK_KINDS)
 def test_each_kind_learns_on_a_tiny_problem(bank):
     """GACD loss alone: a student learns a fixed teacher's features; the loss falls over a few steps

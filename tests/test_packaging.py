@@ -5,9 +5,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_wheel_maps_kernels_into_the_package(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -21,6 +24,7 @@ def test_wheel_maps_kernels_into_the_package(tmp_path):
     assert not any(n.startswith("kernels/") for n in names)
 
 
+@pytest.mark.slow
 def test_runs_from_source_tree_without_install(tmp_path):
     # Hide any installed copy (an editable install's finder) so only PYTHONPATH can supply it.
     code = (

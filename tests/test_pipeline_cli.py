@@ -26,6 +26,7 @@ def test_help_lists_every_option(command, capsys):
     assert "--resume" in out and "--no-progress" in out
 
 
+@pytest.mark.slow
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "gacd_fast", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
@@ -106,6 +107,7 @@ def test_bad_option_value_from_command_line(tmp_path, capsys):
     assert "'student_epochs' must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_subprocess_exit_codes(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("teacher_epochs: many\n")
@@ -135,6 +137,7 @@ def check_results_schema(doc, methods):
         assert isinstance(m["seconds"], float) and m["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_tiny_demo_then_evaluate(tmp_path, capsys):
     out = str(tmp_path / "demo")
     tiny = ["--train-limit", "120", "--test-limit", "30", "--seed", "1"]

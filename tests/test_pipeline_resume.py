@@ -37,6 +37,7 @@ def weights(out, name):
     return torch.load(os.path.join(out, f"{name}.pt"), weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     ref, res = str(tmp_path / "ref"), str(tmp_path / "res")
     seen = []

@@ -58,6 +58,7 @@ def test_student_runs_and_chance():
     assert gacd_chance({"method": "ard"}) is None
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
     out = str(tmp_path / "study")
     assert main(["study", "--out", out, "--seeds", "0", "1", "--methods", "natural", "gacd_feature",

@@ -12,6 +12,7 @@ DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else (["cuda"] if
 pytestmark = [pytest.mark.parametrize("device", DEVICES)] + ([pytest.mark.interpreter] if DEVICES == ["cpu"] else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("M", [None, 6])
 def test_info_nce_fullgraph(device, M):
     B, K, D = 7, 40, 24
@@ -37,6 +38,7 @@ def test_info_nce_fullgraph(device, M):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_info_nce_inductor(device):
     # Inductor compiles the weighting/reduction around the opaque custom op (C++ codegen on CPU)
     q, p, n = torch.randn(5, 16, device=device), torch.randn(5, 16, device=device), torch.randn(33, 16, device=device)
@@ -49,6 +51,7 @@ def test_info_nce_inductor(device):
     torch.testing.assert_close(got, f(q, p, n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bank", ["memory", "queue"])
 def test_gacd_loss_and_pgd_step_fullgraph(device, bank):
     """The whole GACDLoss forward (heads, weights, Triton InfoNCE, memory update) and a PGD step
