@@ -113,6 +113,9 @@ def _jit_name(with_cuda: bool) -> str:
     return f"gacd_fast_cext{'_cuda' if with_cuda else ''}_{digest.hexdigest()[:12]}"
 
 
+# Cached: "auto" asks is_built() on every op call until the library is loaded, and these look-ups
+# (the extension cache folder, an installed gacd_fast._C and its age) do not change within a process.
+@lru_cache(maxsize=None)
 def _jit_library(with_cuda: bool) -> Path:
     from torch.utils import cpp_extension
 
@@ -120,7 +123,9 @@ def _jit_library(with_cuda: bool) -> Path:
     return Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
 
 
+@lru_cache(maxsize=None)
 def aot_library() -> str | None:
+    """The ahead-of-time build (gacd_fast._C) when installed and not older than its sources, else None."""
     try:
         spec = importlib.util.find_spec("gacd_fast._C")
     except (ImportError, ValueError):

@@ -8,7 +8,6 @@ that policy is here, not in the kernels. Inputs are validated by ``gacd_fast.fun
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -22,6 +21,7 @@ try:
     import triton  # noqa: F401
 
     from gacd_fast.kernels import info_nce as _k_nce
+    from gacd_fast.kernels._common import interpreting
     from gacd_fast.kernels import pgd as _k_pgd
     from gacd_fast.kernels import similarity as _k_sim
 
@@ -56,22 +56,18 @@ if _IMPORT_ERROR is None:
     _register()
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unavailable_reason(device: torch.device | None, *, auto: bool = False) -> str | None:
     """None when the Triton kernels can run on ``device`` (None: anywhere), else why not."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
     if device is None:
-        if torch.cuda.is_available() or _interpret():
+        if torch.cuda.is_available() or interpreting():
             return None
         return "no CUDA GPU is available (and TRITON_INTERPRET=1 is not set)"
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if device.type == "cpu":
-        if not _interpret():
+        if not interpreting():
             return "Triton needs CUDA tensors; CPU tensors run only under TRITON_INTERPRET=1 (tests)"
         if auto:
             return "the Triton CPU interpreter is for tests only; 'auto' does not pick it"
