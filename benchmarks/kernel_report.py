@@ -82,9 +82,9 @@ def jobs() -> list[tuple]:
                              ACC_PREC="ieee" if dt == "fp32" else "tf32"), {"q_ptr"}, st.num_warps, st.num_stages))
         if dt == "tf32":
             continue
-        c = N.combine_tile(256, 128, 8)
-        out.append(("info_nce", "_combine_kernel", dt, f"M{c.block_m}S{c.block_n}D{c.block_d}",
-                    dict(BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_S=c.block_n), {"q_ptr", "p_ptr"}, c.num_warps, c.num_stages))
+        c = N.combine_tile(256, 8)
+        out.append(("info_nce", "_combine_kernel", dt, f"M{c.block_m}S{c.block_n}",
+                    dict(BLOCK_M=c.block_m, BLOCK_S=c.block_n), set(), c.num_warps, c.num_stages))
         for d in (64, 128, 256, 512):
             br, bd = S.row_tile(d)
             for kern, ptrs in (("_inv_norm_kernel", {"x_ptr"}), ("_normalize_fwd_kernel", {"x_ptr", "y_ptr"}),

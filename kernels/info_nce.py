@@ -9,6 +9,10 @@ Forward
       1/tau * log2(e) folded into one multiplier, exp2) and writes one partial (m, l) per row; a
       combine kernel adds the positive logit and merges the partials in a fixed order into the
       fp32 LSE per row and the loss. Deterministic; the grid fills a GPU even for small B and huge K.
+    * the stored LSE stays in base 2 (lse2 = LSE * log2(e), the ``lse`` output of the op, which only
+      this backward reads), and the host computes t_pos once for forward and backward: every
+      2^(t - lse2) is then taken between values rounded the same way, so a term that dominates by
+      ~1e30 gets exactly 1 (converting lse between bases is off by many units at that magnitude).
     * shared bank: [BLOCK_M, BLOCK_D] x [BLOCK_D, BLOCK_N] tl.dot tiles, D looped in BLOCK_D chunks.
       neg_index [B, M]: one query row per program gathers its bank rows by index inside the kernel.
 Backward (recomputes the score tiles from the stored LSE; no atomics, bitwise deterministic)
@@ -63,6 +67,14 @@ def _finite_shift(m):
     """The exponent shift of an online sum whose running max is ``m``: m itself, 0 where m is
     +-inf (torch.logsumexp semantics: a +inf logit gives +inf, never inf - inf = NaN)."""
     return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
+def _rescale(m_old, sh):
+    """The factor 2^(shift(m_old) - sh) that moves a partial sum kept relative to 2^shift(m_old) onto
+    the new shift ``sh``: 0 for an empty partial (m_old = -inf), whose sum is 0. Without the guard,
+    a new max below -128 makes the factor 2^(-sh) overflow, and 0 * inf is NaN."""
+    return tl.exp2(tl.where(m_old == float("-inf"), float("-inf"), _finite_shift(m_old) - sh))
 
 
 @triton.jit
@@ -148,7 +160,7 @@ def _fwd_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, K, 
         t = tl.where((kk < ncols)[None, :], s * rn[None, :] * rowf[:, None], float("-inf"))
         m_new = tl.maximum(m, tl.max(t, axis=1))
         sh = _finite_shift(m_new)
-        alpha = tl.exp2(_finite_shift(m) - sh)
+        alpha = _rescale(m, sh)
         e = tl.exp2(t - sh[:, None])
         l = l * alpha + tl.sum(e, axis=1)
         if WITH_DQ:
@@ -214,7 +226,7 @@ def _fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_
         t = tl.where(jmask, s * rn * rowf, float("-inf"))
         m_new = tl.maximum(m, tl.max(t, axis=0))
         sh = _finite_shift(m_new)
-        alpha = tl.exp2(_finite_shift(m) - sh)
+        alpha = _rescale(m, sh)
         e = tl.exp2(t - sh)
         l = l * alpha + tl.sum(e, axis=0)
         if WITH_DQ:
@@ -227,24 +239,12 @@ def _fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_
 
 
 @triton.jit
-def _combine_kernel(q_ptr, p_ptr, rq_ptr, rp_ptr, m_ptr, l_ptr, loss_ptr, lse_ptr, B, D, S, scale2,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Adds the positive logit to the split partials (fixed order) -> lse (natural log, fp32), loss."""
+def _combine_kernel(t_ptr, m_ptr, l_ptr, loss_ptr, lse_ptr, B, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Adds the positive logit t_pos (base 2, from the host) to the split partials (fixed order) ->
+    loss (natural log) and lse2 (base 2), fp32."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
-    rq = tl.load(rq_ptr + rows, mask=rmask, other=1.0)
-    rp = tl.load(rp_ptr + rows, mask=rmask, other=1.0)
-    pq = _pow2_prescale(rq)
-    pp = _pow2_prescale(rp)
-    qp = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        msk = rmask[:, None] & (dd < D)[None, :]
-        off = rows[:, None] * D + dd[None, :]
-        qt = tl.load(q_ptr + off, mask=msk, other=0.0).to(tl.float32) * pq[:, None]
-        pt = tl.load(p_ptr + off, mask=msk, other=0.0).to(tl.float32) * pp[:, None]
-        qp += tl.sum(qt * pt, axis=1)
-    t_pos = qp * (rq / pq) * (rp / pp) * scale2
+    t_pos = tl.load(t_ptr + rows, mask=rmask, other=0.0)
     m = t_pos
     l = tl.exp2(t_pos - _finite_shift(t_pos))
     for s0 in range(0, S, BLOCK_S):  # the split partials, merged in a fixed order
@@ -255,11 +255,10 @@ def _combine_kernel(q_ptr, p_ptr, rq_ptr, rp_ptr, m_ptr, l_ptr, loss_ptr, lse_pt
         ls = tl.load(l_ptr + off, mask=pm, other=0.0)
         m_new = tl.maximum(m, tl.max(ms, axis=1))
         sh = _finite_shift(m_new)
-        l = l * tl.exp2(_finite_shift(m) - sh) + tl.sum(
-            tl.where(pm, ls * tl.exp2(_finite_shift(ms) - sh[:, None]), 0.0), axis=1)
+        l = l * _rescale(m, sh) + tl.sum(tl.where(pm, ls * _rescale(ms, sh[:, None]), 0.0), axis=1)
         m = m_new
     lse2 = _finite_shift(m) + tl.log2(l)
-    tl.store(lse_ptr + rows, lse2 * LN2_C, mask=rmask)
+    tl.store(lse_ptr + rows, lse2, mask=rmask)
     tl.store(loss_ptr + rows, (lse2 - t_pos) * LN2_C, mask=rmask)
 
 
@@ -279,7 +278,7 @@ def _dq_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
     rq = tl.load(rq_ptr + row0 + rr, mask=rmask, other=1.0)
     pq = _pow2_prescale(rq)
     rowf = rq / pq * scale2
-    lse2 = tl.load(lse_ptr + row0 + rr, mask=rmask, other=0.0) * LOG2E_C
+    lse2 = tl.load(lse_ptr + row0 + rr, mask=rmask, other=0.0)
     gs = tl.load(g_ptr + row0 + rr, mask=rmask, other=0.0) * scale
     qt = tl.zeros([BLOCK_M, BLOCK_D], dtype=DOT_T)
     if RESIDENT:
@@ -316,7 +315,7 @@ def _dq_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out
     rq = tl.load(rq_ptr + row)
     pq = _pow2_prescale(rq)
     rowf = rq / pq * scale2
-    lse2 = tl.load(lse_ptr + row) * LOG2E_C
+    lse2 = tl.load(lse_ptr + row)
     gs = tl.load(g_ptr + row) * scale
     qv = tl.zeros([BLOCK_D], dtype=tl.float32)
     if RESIDENT:
@@ -372,7 +371,7 @@ def _dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
         st, qt = _bank_scores(nt, n_ptr, c0, ncols, pn, q_ptr, i0, nrows, D, DOT_T, BLOCK_N, BLOCK_M, BLOCK_D,
                               RESIDENT, DOT_PREC)
         rq = tl.load(rq_ptr + i0 + rr, mask=rmask, other=0.0)
-        lse2 = tl.load(lse_ptr + i0 + rr, mask=rmask, other=0.0) * LOG2E_C
+        lse2 = tl.load(lse_ptr + i0 + rr, mask=rmask, other=0.0)
         gs = tl.load(g_ptr + i0 + rr, mask=rmask, other=0.0) * scale
         p = tl.exp2(st * rq[None, :] * colf[:, None] - lse2[None, :])
         w = tl.where(cmask[:, None] & rmask[None, :], p * (gs * rq)[None, :], 0.0)
@@ -494,11 +493,11 @@ def dot_types(dtype: torch.dtype) -> dict:
     return dict(DOT_T=native, DOT_PREC="ieee", ACC_T=native, ACC_PREC="ieee")
 
 
-def combine_tile(B: int, D: int, S: int) -> Tile:
-    """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step)."""
+def combine_tile(B: int, S: int) -> Tile:
+    """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step; no block_d)."""
     if interpreting():
-        return Tile(pow2(B, 1, 64), pow2(S, 2, 64), pow2(D, 16, MAX_RESIDENT_D), 1, 1)
-    return Tile(16, 16, 64, 4, 2)  # 16 rows: ~96 registers at 4 warps (32 rows took ~230)
+        return Tile(pow2(B, 1, 64), pow2(S, 2, 64), 1, 1, 1)
+    return Tile(64, 16, 1, 4, 2)
 
 
 def _splits(row_programs: int, total: int, block: int, device: torch.device) -> tuple[int, int]:
@@ -559,14 +558,15 @@ def _forward(q, p, n, idx, scale, normalize, compute_dq):
         )
     loss = torch.empty(B, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(loss)
-    c = combine_tile(B, D, S)
+    c = combine_tile(B, S)
     _combine_kernel[(cdiv(B, c.block_m),)](
-        q, p, rq, rp, m_part, l_part, loss, lse, B, D, S, scale2,
-        BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_S=c.block_n, **_launch(c),
+        _positive_logits2(q, p, rq, rp, scale2), m_part, l_part, loss, lse, B, S,
+        BLOCK_M=c.block_m, BLOCK_S=c.block_n, **_launch(c),
     )
     dq_neg = torch.empty(0, dtype=torch.float32, device=q.device)
     if with_dq:  # partials relative to 2^shift(m_s): merge in a fixed order, normalised by the LSE
-        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :] * LOG2E)
+        w = torch.exp2(_finite_shift_t(m_part) - lse[None, :])
+        w = torch.where(m_part == float("-inf"), torch.zeros_like(w), w)  # an empty partial: 0, never 0 * inf
         dq_neg = (w[:, :, None] * acc).sum(0) * scale
     elif compute_dq:
         dq_neg, _ = _dq_neg(q, n, idx, rq, rn, lse, torch.ones_like(lse), scale, want_coef=False)
@@ -628,14 +628,24 @@ def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = T
     return dq, coef
 
 
+def _unit_rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return x.float() * r[:, None]
+
+
+def _positive_logits2(q, p, rq, rp, scale2: float) -> torch.Tensor:
+    """t_pos = s_pos * log2(e) [B] fp32. The forward and the backward both take it from here, so the
+    backward's t_pos - lse2 is bitwise the forward's, however large |t_pos| is."""
+    return (_unit_rows(q, rq) * _unit_rows(p, rp)).sum(1) * scale2
+
+
 def _grad_query_positive(g, q, p, n, idx, lse, dq_neg, scale, normalize, need_q):
     """(dq or None, dp): the positive column's terms plus, for dq, the bank's part (``dq_neg`` from
     the forward when given, else recomputed from the stored LSE)."""
     rq, rp = _norms(q, normalize), _norms(p, normalize)
-    qh, ph = q.float() * rq[:, None], p.float() * rp[:, None]  # B x D normalised rows (not the bank)
-    # positive column: dl/ds_pos = P_pos - 1 with P_pos = exp(s_pos - lse)
-    s_pos = (qh * ph).sum(1) * scale
-    cpos = (g * scale * torch.expm1(s_pos - lse))[:, None]
+    qh, ph = _unit_rows(q, rq), _unit_rows(p, rp)  # B x D normalised rows (not the bank)
+    # positive column: dl/ds_pos = P_pos - 1 with P_pos = 2^(t_pos - lse2)
+    t_pos = _positive_logits2(q, p, rq, rp, scale * LOG2E)
+    cpos = (g * scale * torch.expm1((t_pos - lse) * LN2))[:, None]
     dph = cpos * qh
     dp = normalize_backward(p, dph) if normalize else dph.to(p.dtype)
     if not need_q:

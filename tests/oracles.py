@@ -46,6 +46,15 @@ def _scores(query, positive, negatives, neg_index, temperature, normalize_rows):
     return s_pos, s_neg
 
 
+def logit_scale(query, positive, negatives, neg_index, temperature, normalize_rows) -> torch.Tensor:
+    """[B] float64: the largest finite |logit| of each row (0 if none). A loss computed in a dtype
+    with unit roundoff u can be off by about u times this: at |s| ~ 1e30 one unit of s is ~1e23, so
+    l = lse - s_pos is only known to that absolute accuracy, on any backend."""
+    s_pos, s_neg = _scores(query, positive, negatives, neg_index, temperature, normalize_rows)
+    rows = [torch.cat([s_pos[i:i + 1], neg]).abs() for i, neg in enumerate(s_neg)]
+    return torch.stack([torch.where(torch.isfinite(r), r, torch.zeros_like(r)).max() for r in rows])
+
+
 def info_nce_rows(
     query: torch.Tensor,
     positive: torch.Tensor,

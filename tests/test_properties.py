@@ -1,7 +1,7 @@
 """Runs the property tests of tests/property_cases.py in a child process: a backend that crashed
 the interpreter (a signal, e.g. the SIGFPE of issue 11) fails this test with the child's output
-instead of killing the whole test run. The child uses the same hypothesis profile
-(`pytest --hypothesis-profile=long tests/test_properties.py` soaks)."""
+instead of killing the whole test run. The child uses the same hypothesis profile: "ci"
+(derandomised) by default; `make fuzz` runs the exploring profile "long" directly."""
 import os
 import subprocess
 import sys

@@ -111,8 +111,9 @@ def _backward(namespace: str, ctx, grad_loss, _grad_lse, _grad_dq):
     return (dq if need_q else None), (dp if need_p else None), (dn if need_n else None), None, None, None, None
 
 
-# Returns (loss [B], lse [B] over {s_pos} U negatives, dq_neg), in the accumulation dtype. dq_neg is
-# d lse / d q_hat from the negatives ([B, D]) when compute_dq, else empty.
+# Returns (loss [B], lse [B] over {s_pos} U negatives, dq_neg), in the accumulation dtype. lse is read
+# only by the same backend's backward, in that backend's units (cext: natural log; triton: base 2).
+# dq_neg is d lse / d q_hat from the negatives ([B, D]) when compute_dq, else empty.
 FORWARD = CompiledOp(
     "info_nce_forward",
     "(Tensor query, Tensor positive, Tensor negatives, Tensor? neg_index, float temperature, bool normalize, "
