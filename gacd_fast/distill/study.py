@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from .atomic import atomic_write_text
-from .report import _pyplot, _save, versions
+from .report import _pyplot, _save, plots_available, versions
 
 # Accuracy columns of a result row (fractions), in display order; probe_* and transfer_* follow.
 ACC_METRICS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
@@ -96,7 +96,10 @@ def write_study(summary: dict[str, Any], per_seed: dict[int, list[dict[str, Any]
         for k, s in metrics.items():
             w.writerow([model, k, f"{s['mean']:.6g}", f"{s['std']:.6g}", s["n"], " ".join(f"{v:.6g}" for v in s["values"])])
     atomic_write_text(paths["csv"], buf.getvalue())
-    plot_study(summary, paths["png"], title)
+    if plots_available():
+        plot_study(summary, paths["png"], title)
+    else:
+        del paths["png"]
     return paths
 
 
