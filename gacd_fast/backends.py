@@ -48,7 +48,12 @@ _SPECS: dict[str, BackendSpec] = {}
 AUTO_ORDER: list[str] = []
 _modules: dict[str, ModuleType | Exception] = {}
 _selected: str | None = None
-_self_check = os.environ.get(SELF_CHECK_ENV, "1") != "0"
+def self_check_from_env() -> bool:
+    """The first-use check is on unless $GACD_FAST_SELF_CHECK is "0" (read once, at import)."""
+    return os.environ.get(SELF_CHECK_ENV, "1") != "0"
+
+
+_self_check = self_check_from_env()
 # (op, backend, device, dtype) -> whether "auto" may use that backend there (its first-use check passed)
 _verdicts: dict[tuple, bool] = {}
 _verdict_lock = threading.Lock()
@@ -206,7 +211,10 @@ def _choose(op: str, device: torch.device, backend: str | None, dtype: torch.dty
         for cand in AUTO_ORDER:
             if unavailable_reason(cand, device, auto=True) is None and hasattr(_load(cand), op):
                 # the first backend "auto" would use; if it failed its first-use check: the reference
-                return cand if _usable_by_auto(cand, op, device, dtype) else REFERENCE
+                if _usable_by_auto(cand, op, device, dtype):
+                    return cand
+                _load(REFERENCE)
+                return REFERENCE
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch always can
     reason = unavailable_reason(name, device)
     if reason is not None:

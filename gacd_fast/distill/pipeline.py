@@ -38,8 +38,8 @@ from . import parallel, runs
 from .models import build_model
 from .report import format_table, write_results
 from .study import format_summary, noise_report, summarize, write_study
-from .train import (STATE_KEYS, TEACHER_HASH_KEY, EpochEndCallback, Logger, check_resumable, fit, load_checkpoint,
-                    pick_device, save_checkpoint)
+from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, check_resumable, fit, load_checkpoint, pick_device,
+                    save_checkpoint)
 
 
 def _locked(command: str):
