@@ -9,7 +9,8 @@ In one run, interleaved in rounds so that load on the machine hits every variant
   ``auto_check_off`` (GACD_FAST_SELF_CHECK=0) and ``auto_without_check`` (the registry's choice
   with the check machinery removed, i.e. before it existed) (us);
 - ``call``: a whole small op call through "auto" (info_nce B=64 K=1024 D=128 fwd, l2_normalize
-  256 x 128) with and without the check machinery (us).
+  256 x 128) with and without the check machinery (us);
+- ``lookup``: the cached verdict's look-up alone, against an empty Python call (us).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def per_call_us(fn, device: torch.device, n: int) -> float:
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of every variant (median reported)")
+    p.add_argument("--rounds", type=int, default=60, help="interleaved rounds of every variant (median reported)")
     args = p.parse_args()
     device = torch.device(args.device)
     compiled = "triton" if device.type == "cuda" else "cext"
@@ -57,6 +58,7 @@ def main() -> None:
     firsts: dict[str, list[float]] = {op: [] for op in OPS}
     for _ in range(max(3, args.rounds // 3)):
         backends._verdicts.clear()
+        backends._seen.clear()
         for op in OPS:
             t0 = time.perf_counter()
             name, _ = backends.resolve(op, device, None, dtype)
@@ -83,11 +85,21 @@ def main() -> None:
             for op in ("info_nce_rows", "l2_normalize"):
                 backends.resolve(op, device, None, dtype)  # the verdict is cached (or the path has none)
                 resolve_t.setdefault((op, vname), []).append(
-                    per_call_us(lambda op=op: backends.resolve(op, device, None, dtype), device, 2000))
+                    per_call_us(lambda op=op: backends.resolve(op, device, None, dtype), device, 500))
                 if vname != "auto_check_off":
-                    call_t.setdefault((op, vname), []).append(per_call_us(calls[op], device, 50))
+                    call_t.setdefault((op, vname), []).append(per_call_us(calls[op], device, 10))
     backends.set_self_check(True)
     backends._usable_by_auto = original
+    # the look-up itself, once the verdict is cached: what the check adds to every later "auto" call
+    lookup = {"verdict_lookup": lambda: original("info_nce_rows", compiled, device, dtype),
+              "empty_call": lambda: None}
+    lookup_t: dict[str, list[float]] = {k: [] for k in lookup}
+    for _ in range(args.rounds):
+        for k, fn in lookup.items():
+            lookup_t[k].append(per_call_us(fn, torch.device("cpu"), 20000))
+    for k, ts in lookup_t.items():
+        rec.add("info_nce_rows", k, "lookup", "float32", {}, "time", "us", statistics.median(ts),
+                *statistics.quantiles(ts, n=10)[1::6])
     for (op, vname), ts in resolve_t.items():
         rec.add(op, vname, "resolve", "float32", {}, "time", "us", statistics.median(ts),
                 *statistics.quantiles(ts, n=10)[1::6])
@@ -99,6 +111,8 @@ def main() -> None:
     print(f"{'op':<18}{'mode':<11}{'variant':<20}{'p50':>10}")
     for r in rec.rows:
         print(f"{r['op']:<18}{r['mode']:<11}{r['provider']:<20}{float(r['p50']):>10.3f} {r['unit']}")
+    print(f"verdict look-up {statistics.median(lookup_t['verdict_lookup']):.3f} us, an empty Python call "
+          f"{statistics.median(lookup_t['empty_call']):.3f} us")
     for op in ("info_nce_rows", "l2_normalize"):
         a = statistics.median(resolve_t[(op, "auto_checked")])
         b = statistics.median(resolve_t[(op, "auto_without_check")])

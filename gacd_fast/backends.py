@@ -56,6 +56,9 @@ def self_check_from_env() -> bool:
 _self_check = self_check_from_env()
 # (op, backend, device, dtype) -> whether "auto" may use that backend there (its first-use check passed)
 _verdicts: dict[tuple, bool] = {}
+# the same verdicts keyed by the call's own torch.device object: the per-call look-up hashes it instead
+# of building a device string (torch.device.type alone costs about a microsecond)
+_seen: dict[tuple, bool] = {}
 _verdict_lock = threading.Lock()
 
 
@@ -168,14 +171,16 @@ def _usable_by_auto(name: str, op: str, device: torch.device, dtype: torch.dtype
     per process; a failure warns once and is remembered)."""
     if name == REFERENCE:
         return True
-    key = (op, name, _device_key(device), dtype)
-    verdict = _verdicts.get(key)
+    seen = (op, name, device, dtype)
+    verdict = _seen.get(seen)
     if verdict is not None:
         return verdict
+    key = (op, name, _device_key(device), dtype)
     with _verdict_lock:
         if key not in _verdicts:
             _verdicts[key] = _first_use(name, op, device, dtype)
-        return _verdicts[key]
+        _seen[seen] = _verdicts[key]
+        return _seen[seen]
 
 
 def _first_use(name: str, op: str, device: torch.device, dtype: torch.dtype | None) -> bool:

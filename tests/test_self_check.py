@@ -30,8 +30,9 @@ CPU = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def fresh_verdicts(monkeypatch):
     """Every test starts as a new process would: no verdicts, the check on."""
-    monkeypatch.setattr(backends, "_verdicts", {})
-    monkeypatch.setattr(backends, "_self_check", True)
+    monkeypatch.setattr(backends, "_verdicts", {}, raising=False)
+    monkeypatch.setattr(backends, "_seen", {}, raising=False)
+    monkeypatch.setattr(backends, "_self_check", True, raising=False)
 
 
 def _reference_backward(grad, x):
@@ -172,6 +173,7 @@ def test_no_graph_break_with_the_check_in_place(monkeypatch, fault):
         explained = torch._dynamo.explain(fn)(x)
         assert explained.graph_break_count == 0, explained.break_reasons
         monkeypatch.setattr(backends, "_verdicts", {})  # the compile below meets the op first
+        monkeypatch.setattr(backends, "_seen", {})
         torch._dynamo.reset()
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
         torch.testing.assert_close(got, normalize_op.reference(x) * 2)
