@@ -108,6 +108,7 @@ def test_resume_refuses_another_teacher(tmp_path, teachers, capsys):
     assert "gacd.pt was trained with another teacher" in err_line(capsys)
 
 
+@pytest.mark.slow
 def test_refused_resume_rewrites_no_config(tmp_path, capsys):
     out = str(tmp_path)
     assert main(["train-teacher", "--out", out, "--epochs", "1", *QUICK]) == 0
@@ -130,6 +131,7 @@ def _hold_lock_in_another_process(out):
     return proc
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_folder(tmp_path, capsys):
     out = str(tmp_path)
     holder = _hold_lock_in_another_process(out)
@@ -165,6 +167,7 @@ def test_two_threads_in_one_folder(tmp_path, capsys):
     assert codes == [0]
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -201,6 +204,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
         os.umask(old)
 
 
+@pytest.mark.slow
 def test_run_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
@@ -234,6 +238,7 @@ def test_teacher_of_another_task_is_refused(tmp_path, capsys, classes, channels,
         assert "was trained on" in err_line(capsys)
 
 
+@pytest.mark.slow
 def test_demo_with_a_foreign_teacher_or_not_a_checkpoint(tmp_path, capsys):
     teacher = _foreign_teacher(str(tmp_path / "t.pt"), 5, 3, "cifar10")
     tiny = ["--methods", "natural", "gacd", "--student-epochs", "1", *QUICK]
@@ -246,6 +251,7 @@ def test_demo_with_a_foreign_teacher_or_not_a_checkpoint(tmp_path, capsys):
     assert f"{junk} is not a readable gacd-fast model checkpoint" in err and "weights_only" not in err
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(tmp_path, capsys):
     out = str(tmp_path)
     assert main(["train-teacher", "--out", out, "--lr", "1e6", "--epochs", "3", "--batch-size", "16", *QUICK]) == 1
@@ -363,7 +369,8 @@ def _state_file(tmp_path):
     return open(os.path.join(out, "teacher.state.pt"), "rb").read()
 
 
-@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "a list", "a dict of other things", "pickle"])
+@pytest.mark.parametrize("kind", ["empty", "garbage", pytest.param("truncated", marks=pytest.mark.slow), "a list",
+                                  "a dict of other things", "pickle"])
 def test_unreadable_state_file_on_resume(tmp_path, capsys, kind):
     out = tmp_path / "o"
     out.mkdir()
