@@ -146,6 +146,7 @@ class Attack(ABC):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.backend = backend
+        self._unchecked_labels: torch.Tensor | None = None
         self.set_mode_default()
 
     # ------------------------------------------------------------------ targeted mode (torchattacks')
@@ -251,12 +252,16 @@ class Attack(ABC):
         if mean.shape != std.shape:
             raise ValueError(f"normalization mean and std must have the same length, got {tuple(mean.shape)} "
                              f"and {tuple(std.shape)}")
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all())):
+            raise ValueError(f"normalization mean and std must be finite, got mean {mean.tolist()}, std {std.tolist()}")
         if bool((std <= 0).any()):
             raise ValueError(f"normalization std must be > 0, got {std.tolist()}")
         return mean, std
 
     def _check_images(self, images: torch.Tensor) -> None:
         check_tensor("images", images, min_ndim=2)
+        if images.numel() == 0:
+            raise ValueError(f"images must hold at least one image with at least one pixel, got shape {tuple(images.shape)}")
         if self.normalization is not None:
             channels = self.normalization[0].numel()  # one value applies to every channel
             if channels != 1 and (images.dim() < 3 or images.shape[1] != channels):
@@ -284,7 +289,11 @@ class Attack(ABC):
         scalar tensor that depends on x_adv."""
         x = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            cost = self.loss_fn(self._forward(x), labels)
+            output = self._forward(x)
+            if self._unchecked_labels is not None:  # once per call, on the first step's logits
+                self._unchecked_labels = None
+                _check_class_indices("targets", labels, logits_of(output).shape[1])
+            cost = self.loss_fn(output, labels)
             if not isinstance(cost, torch.Tensor) or cost.numel() != 1:
                 got = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
                 raise TypeError(f"loss must return a scalar tensor (one element), got {got}")
@@ -320,6 +329,12 @@ class Attack(ABC):
         with model_mode(self.model, self.model_mode):
             # targets before the start: torchattacks' order of draws from the global RNG
             labels = self._attack_labels(x_nat, targets)
+            # untargeted CE on class indices: their range is checked against the logits of the first
+            # step (a label out of range would be a device-side assertion in the CUDA cross-entropy,
+            # and -100 its silently ignored index)
+            self._unchecked_labels = labels if (
+                self._mode == DEFAULT_MODE and self.loss_fn is cross_entropy and not labels.is_floating_point()
+                and reads_values(labels)) else None
             if self.random_start:
                 x_adv = gf.pgd_random_start(x_nat, eps=eps, norm=self.norm, generator=self.generator,
                                             backend=self.backend)
@@ -363,7 +378,7 @@ class PGD(Attack):
         self.steps = check_int("steps", steps, minimum=0)
 
     def _perturb(self, x_nat, x_adv, labels, eps):
-        alpha = check_per_sample("alpha", self.alpha, x_nat.shape[0], x_nat.device)
+        alpha = check_per_sample("alpha", self.alpha, x_nat.shape[0], x_nat.device, nonneg=True)
         for _ in range(self.steps):
             gf.pgd_step_(x_adv, self._gradient(x_adv, labels), x_nat, alpha=alpha, eps=eps, norm=self.norm,
                          backend=self.backend)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import traceback
 import typing
@@ -119,6 +120,9 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[EpochEndCallb
     except (FileNotFoundError, ValueError) as e:  # missing data/checkpoints, bad option values: a clear message
         print(f"gacd-fast {args.command}: error: {e}", file=sys.stderr)
         return _leave(1)
+    except OSError as e:  # a file that cannot be written (read-only folder, full disk): one line, no traceback
+        print(f"gacd-fast {args.command}: error: {os_error_line(e, cfg.out_dir)}", file=sys.stderr)
+        return _leave(1)
     except KeyboardInterrupt:
         print(f"\ngacd-fast {args.command}: interrupted; the per-epoch checkpoints are in {cfg.out_dir}: "
               f"run the same command with --resume to continue", file=sys.stderr)
@@ -130,6 +134,18 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[EpochEndCallb
         raise
     parallel.shutdown()  # torchrun: all ranks meet, then leave the process group
     return 0
+
+
+def os_error_line(e: OSError, out_dir: str) -> str:
+    """An OSError of a run as one line: the file, the reason and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e) or type(e).__name__
+    hint = {errno.ENOSPC: f"free some space, or choose another --out (now {out_dir})",
+            errno.EDQUOT: f"free some space, or choose another --out (now {out_dir})",
+            errno.EROFS: f"choose a writable --out (now {out_dir})",
+            errno.EACCES: f"check the permissions, or choose another --out (now {out_dir})",
+            errno.EPERM: f"check the permissions, or choose another --out (now {out_dir})"}.get(e.errno or 0)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
 
 
 def _leave(code: int) -> int:

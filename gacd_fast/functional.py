@@ -122,7 +122,7 @@ def info_nce(
     temperature = _check_contrastive_inputs(
         query, positive, negatives, temperature, weights, neg_index, normalize, reduction
     )
-    _, fn = backends.resolve("info_nce_rows", query.device, backend)
+    _, fn = backends.resolve("info_nce_rows", query.device, backend, query.dtype)
     rows = fn(query, positive, negatives, neg_index, temperature, normalize)
     return weighted_reduce(rows, weights, reduction)
 
@@ -157,7 +157,7 @@ def nce_loss(
     num_data = check_int("num_data", num_data, minimum=1)
     normalizer = check_real("normalizer", normalizer, positive=True)
     eps = check_real("eps", eps, nonneg=True)
-    _, fn = backends.resolve("nce_rows", query.device, backend)
+    _, fn = backends.resolve("nce_rows", query.device, backend, query.dtype)
     rows = fn(query, positive, negatives, neg_index, temperature, normalize, num_data, normalizer, eps)
     return weighted_reduce(rows, weights, reduction)
 
@@ -167,7 +167,7 @@ def l2_normalize(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
     overflow-safe: any finite row normalises, whatever its magnitude). N, D >= 1."""
     check_tensor("x", x, ndim=2)
     check_nonempty("x", x, (0, 1))
-    _, fn = backends.resolve("l2_normalize", x.device, backend)
+    _, fn = backends.resolve("l2_normalize", x.device, backend, x.dtype)
     return fn(x)
 
 
@@ -179,7 +179,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor, *, backend: str | None =
     check_shape("b", b, a.shape, "same as a")
     check_same_dtype(a=a, b=b)
     check_same_device(a=a, b=b)
-    _, fn = backends.resolve("cosine_similarity", a.device, backend)
+    _, fn = backends.resolve("cosine_similarity", a.device, backend, a.dtype)
     return fn(a, b)
 
 
@@ -233,7 +233,7 @@ def pgd_step_(
     if clip_min > clip_max:
         raise ValueError(f"clip_min must be <= clip_max, got clip_min={clip_min}, clip_max={clip_max}")
     check_option("norm", norm, NORMS)
-    _, fn = backends.resolve("pgd_step_", x_adv.device, backend)
+    _, fn = backends.resolve("pgd_step_", x_adv.device, backend, x_adv.dtype)
     return fn(x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm)
 
 
@@ -258,5 +258,5 @@ def pgd_random_start(
     check_option("norm", norm, NORMS)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    _, fn = backends.resolve("pgd_random_start", x_nat.device, backend)
+    _, fn = backends.resolve("pgd_random_start", x_nat.device, backend, x_nat.dtype)
     return fn(x_nat, eps, norm, generator)

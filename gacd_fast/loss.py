@@ -333,16 +333,23 @@ class GACDLoss(nn.Module):
         rank sets the same Z), then constant. Read on the host, like CRD's ``.item()``."""
         z = float(self.crd_z[position])
         if z < 0:
-            self.crd_z[position] = self._mean_exp_score(term, dist_on) * self.num_data
+            z = float(self._mean_exp_score(term, dist_on)) * self.num_data
+            limit = torch.finfo(self.crd_z.dtype).max
+            if not z <= limit:  # refused before anything is stored: crd_z stays unset
+                raise ValueError(
+                    f"CRD's normaliser Z = mean(exp(s/tau)) * num_data = {z:.3g} overflows the {self.crd_z.dtype} "
+                    f"buffer crd_z (max {limit:.3g}): temperature (CRD's nce_t) {self.temperature:g} is too small "
+                    f"for these scores; use a larger nce_t (CRD: 0.07)")
+            self.crd_z[position] = z
             z = float(self.crd_z[position])
         return z
 
     @torch.no_grad()
     def _mean_exp_score(self, term: Term, dist_on: bool) -> torch.Tensor:
-        """mean(exp(s/tau)) over the positive and negative scores of ``term`` (in float32, float64
-        for float64 embeddings), over the global batch under torch.distributed."""
+        """mean(exp(s/tau)) over the positive and negative scores of ``term`` in float64 (exp(s/tau)
+        overflows float32 for tau below ~0.0113), over the global batch under torch.distributed."""
         query, positive, negatives, neg_index = term
-        acc = torch.promote_types(query.dtype, torch.float32)
+        acc = torch.float64
         q, p, n = query.to(acc), positive.to(acc), negatives.to(acc)
         scores = torch.cat([(q * p).sum(1, keepdim=True), torch.einsum("bd,bmd->bm", q, n[neg_index])], 1)
         sum_and_count = torch.stack([(scores / self.temperature).exp().sum(), scores.new_tensor(scores.numel())])
@@ -351,7 +358,11 @@ class GACDLoss(nn.Module):
         return sum_and_count[0] / sum_and_count[1]
 
     def _update_banks(self, s: torch.Tensor, t: torch.Tensor, index, dist_on: bool) -> None:
-        """Remember this batch: teacher embeddings in bank_t, student embeddings in bank_s."""
+        """Remember this batch: teacher embeddings in bank_t, student embeddings in bank_s. Both are
+        checked before either is written, so a refused row (NaN, inf) leaves the banks in step."""
+        if self.bank_s is not None:
+            self.bank_t.check_update(t.detach(), index)
+            self.bank_s.check_update(s.detach(), index)
         self.bank_t.update(t.detach(), index, dist_on=dist_on)
         if self.bank_s is not None:
             self.bank_s.update(s.detach(), index, dist_on=dist_on)

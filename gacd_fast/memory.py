@@ -78,6 +78,10 @@ class NegativeBank(nn.Module):
     def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
         """Remember the batch's ``keys`` [B, D] (dataset rows ``index`` [B]); no-op by default."""
 
+    def check_update(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Raise what :meth:`update` would raise for these arguments, writing nothing (so that a
+        caller updating several banks can refuse before any of them changes); no-op by default."""
+
     def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """Write exact rows (no momentum), e.g. the frozen teacher's embeddings of the training set
         before the first step; no-op by default."""
@@ -171,6 +175,9 @@ class MemoryBank(NegativeBank):
         v = self._check_rows("keys", keys, self.dim)
         return v, self.check_index("index", index, v.shape[0])
 
+    def check_update(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        self._rows_and_index("update", keys, index)
+
     @torch.no_grad()
     def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
         """rows[index] <- normalize(m * rows[index] + (1 - m) * keys) (out of place, see module doc)."""
@@ -212,6 +219,9 @@ class FeatureQueue(NegativeBank):
         slots = (self.ptr + torch.arange(v.shape[0], device=v.device)) % size
         self.rows = self.rows.index_copy(0, slots, v)
         self.ptr = (self.ptr + v.shape[0]) % size
+
+    def check_update(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        self._check_rows("keys", keys, self.rows.shape[1])
 
     def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
         self.enqueue(self._gather(self._check_rows("keys", keys, self.rows.shape[1]), None, dist_on)[0])

@@ -162,7 +162,11 @@ at::Tensor normalize_cpu(const at::Tensor& x_in) {
         for (int64_t d = 0; d < D; ++d) ss += double(xp[r * D + d]) * double(xp[r * D + d]);
         row_unit(ss, inv, proj);
         const acc_t denom = static_cast<acc_t>(1.0 / inv);
-        for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(static_cast<acc_t>(xp[r * D + d]) / denom);
+        if (std::isfinite(denom)) {
+          for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(static_cast<acc_t>(xp[r * D + d]) / denom);
+        } else {  // a finite float row whose norm exceeds float's range (e.g. 20 x 1e38): divide in double
+          for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(double(xp[r * D + d]) * inv);
+        }
       }
     });
   });

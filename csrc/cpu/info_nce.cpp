@@ -60,20 +60,20 @@ struct Units {
   at::Tensor proj;  // [N] bool, ||x|| >= eps (the Jacobian's projection term applies)
 };
 
-// L2 norms of the rows of xa [N, D] (acc dtype). float32 squares overflow above ~1.8e19: then the
-// norms are redone in double, so a finite float row of any magnitude gets its true norm.
-at::Tensor row_norms(const at::Tensor& xa) {
-  at::Tensor nrm = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, c10::nullopt);
-  if (xa.scalar_type() == at::kFloat && !at::isfinite(nrm).all().item<bool>())
-    nrm = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, at::kDouble).to(at::kFloat);
-  return nrm;
-}
-
+// Rows in the accumulation dtype, unit-normalised when asked. float32 squares overflow above ~1.8e19
+// and a norm itself above ~3.4e38: then the norms and the division are done in double, so a finite
+// float row of any magnitude normalises (its inverse norm may then be subnormal in float).
 Units unit_rows(const at::Tensor& x, bool normalize) {
   const auto acc = acc_type(x.scalar_type());
   at::Tensor xa = x.to(acc).contiguous();
   if (!normalize) return {xa, at::ones({x.size(0)}, xa.options()), at::Tensor()};
-  at::Tensor nrm = row_norms(xa);
+  at::Tensor nrm = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, c10::nullopt);
+  if (xa.scalar_type() == at::kFloat && !at::isfinite(nrm).all().item<bool>()) {
+    const at::Tensor n64 = at::linalg_vector_norm(xa, 2, at::IntArrayRef{1}, false, at::kDouble);
+    const at::Tensor inv64 = n64.clamp_min(kNormEps).reciprocal();
+    return {(xa.to(at::kDouble) * inv64.unsqueeze(1)).to(at::kFloat).contiguous(), inv64.to(at::kFloat),
+            n64 >= kNormEps};
+  }
   at::Tensor denom = nrm.clamp_min(kNormEps);
   return {(xa / denom.unsqueeze(1)).contiguous(), denom.reciprocal(), nrm >= kNormEps};
 }
@@ -94,8 +94,9 @@ int64_t chunk_rows(int64_t B, int64_t K) {
 
 // One chunk of the bank in the accumulation dtype, its inverse norms and column scales.
 struct Chunk {
-  at::Tensor rows;   // [c, D] acc contiguous (a view when the bank already is)
+  at::Tensor rows;   // [c, D] acc contiguous (a view when the bank already is); rows * inv = n_hat
   at::Tensor inv;    // [c] inverse norms (ones without normalisation)
+  at::Tensor jac;    // [c] 1 / max(||n||, eps), the Jacobian's scale (= inv unless rows were rescaled)
   at::Tensor proj;   // [c] bool or undefined
   at::Tensor cscale; // [c] scale * inv
 };
@@ -105,9 +106,23 @@ Chunk bank_chunk(const at::Tensor& negatives, int64_t c0, int64_t cn, at::Scalar
   Chunk ch;
   ch.rows = negatives.narrow(0, c0, cn).to(acc).contiguous();
   if (normalize) {
-    at::Tensor nrm = row_norms(ch.rows);
-    ch.inv = nrm.clamp_min(kNormEps).reciprocal();
-    ch.proj = nrm >= kNormEps;
+    at::Tensor nrm = at::linalg_vector_norm(ch.rows, 2, at::IntArrayRef{1}, false, c10::nullopt);
+    if (ch.rows.scalar_type() == at::kFloat && !at::isfinite(nrm).all().item<bool>()) {
+      // a norm beyond float's range (rows of ~1e38): each row is divided by a power of two near its
+      // max |n| (exact), so the scores' products stay finite, and inv grows by the same power
+      const at::Tensor n64 = at::linalg_vector_norm(ch.rows, 2, at::IntArrayRef{1}, false, at::kDouble);
+      const at::Tensor inv64 = n64.clamp_min(kNormEps).reciprocal();
+      const at::Tensor mx = ch.rows.abs().amax(1).to(at::kDouble);
+      const at::Tensor p2 = at::where(at::isfinite(mx) & (mx > 0), at::exp2(at::ceil(at::log2(mx))), at::ones_like(mx));
+      ch.rows = (ch.rows.to(at::kDouble) / p2.unsqueeze(1)).to(at::kFloat).contiguous();
+      ch.inv = (inv64 * p2).to(at::kFloat);
+      ch.jac = inv64.to(at::kFloat);
+      ch.proj = n64 >= kNormEps;
+    } else {
+      ch.inv = nrm.clamp_min(kNormEps).reciprocal();
+      ch.jac = ch.inv;
+      ch.proj = nrm >= kNormEps;
+    }
   } else {
     ch.inv = at::ones({cn}, ch.rows.options());
   }
@@ -294,7 +309,7 @@ void shared_backward(const Units& q, const at::Tensor& negatives, bool normalize
           if (normalize) {
             at::Tensor nhat = ch.rows * ch.inv.unsqueeze(1);
             at::Tensor dot = (nhat * d).sum(1, true) * ch.proj.unsqueeze(1);
-            d = (d - nhat * dot) * ch.inv.unsqueeze(1);
+            d = (d - nhat * dot) * ch.jac.unsqueeze(1);
           }
           dn.narrow(0, c0, cn).copy_(d);
         }
@@ -455,7 +470,13 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
         const acc_t* qi = qp + i * D;
         acc_t dot, unused;
         dot_and_norm(qi, nk, D, false, dot, unused);
-        const acc_t c = g[i] * sc * std::exp(dot * inv * sc - lse[i]);
+        acc_t dot_hat = dot * inv;
+        if (!std::isfinite(dot)) {  // a row of ~1e38: the dot overflows float, its normalised value does not
+          double dd = 0;
+          for (int64_t d = 0; d < D; ++d) dd += double(qi[d]) * double(nk[d]);
+          dot_hat = static_cast<acc_t>(dd * (normalize ? 1.0 / std::max(std::sqrt(nn), kNormEps) : 1.0));
+        }
+        const acc_t c = g[i] * sc * std::exp(dot_hat * sc - lse[i]);
         for (int64_t d = 0; d < D; ++d) acc[d] += c * qi[d];
       }
       acc_t proj = 0;
@@ -463,7 +484,7 @@ void index_backward(const Units& q, const at::Tensor& negatives, const int64_t* 
       if (has_proj)
         for (int64_t d = 0; d < D; ++d) proj += static_cast<acc_t>(nk[d]) * inv * acc[d];
       for (int64_t d = 0; d < D; ++d)
-        out[d] = static_cast<scalar_t>(inv * (acc[d] - proj * static_cast<acc_t>(nk[d]) * inv));
+        out[d] = static_cast<scalar_t>(inv * (acc[d] - proj * (static_cast<acc_t>(nk[d]) * inv)));  // n_hat first: no overflow
     }
   });
 }

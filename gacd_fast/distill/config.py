@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -297,7 +298,29 @@ def validate(cfg: Any) -> Any:
     for name in ("methods", "banks", "seeds"):
         if getattr(cfg, name, None) == []:
             raise ConfigError(f"option {name!r} needs at least one value")
+    _check_seeds_and_name(cfg)
     return cfg
+
+
+SEED_MAX = 2**32 - 1  # the data split's seed goes to scikit-learn, which takes 0 .. 2**32 - 1
+
+
+def _check_seeds_and_name(cfg: Any) -> None:
+    """Seeds in 0..SEED_MAX, ``seeds`` without repeats (each is a whole run), ``name`` a plain file
+    name (it names files inside --out)."""
+    for name in ("seed", "split_seed", "seeds"):
+        value = getattr(cfg, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not 0 <= v <= SEED_MAX:
+                raise ConfigError(f"option {name!r}: seed {v} is outside 0..{SEED_MAX}")
+    seeds = getattr(cfg, "seeds", None) or []
+    repeated = sorted({v for v in seeds if seeds.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"option 'seeds' repeats {repeated}: each seed is one whole run, give each once")
+    run_name = getattr(cfg, "name", None)
+    if run_name is not None and (run_name in ("", ".", "..") or "\0" in run_name
+                                 or any(sep in run_name for sep in ("/", "\\", os.sep, os.altsep or "/"))):
+        raise ConfigError(f"option 'name' must be a plain file name (it names <name>.pt inside --out), got {run_name!r}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

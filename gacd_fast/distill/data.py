@@ -76,6 +76,7 @@ def iterate(
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    merge_tail: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches (images, labels, indices) on ``device``, by tensor indexing (much faster than a
     per-item DataLoader for in-memory data). ``augment``: random crop (pad 4) + horizontal flip,
@@ -87,12 +88,17 @@ def iterate(
     augmentation (drawn for the whole batch on every rank: the generator advances identically
     everywhere, which keeps the ranks' shards disjoint in later epochs and --resume exact). A last
     batch of fewer than ``world_size`` samples is topped up from the start of the order, as
-    DistributedSampler pads, so that no rank gets an empty batch.
+    DistributedSampler pads, so that no rank gets an empty batch. ``merge_tail``: a last (global)
+    batch of one sample joins the batch before it (training: in-batch negatives and BatchNorm need
+    two samples).
     """
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+    starts = list(range(0, n, batch_size))
+    if merge_tail and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        idx = order[start:starts[i + 1] if i + 1 < len(starts) else n]
         if world_size > 1 and idx.numel() < world_size:
             idx = torch.cat([idx, order.repeat(world_size)[:world_size - idx.numel()]])
         params = crop_flip_params(idx.numel(), generator) if augment else None
@@ -226,8 +232,7 @@ def _read_cifar_file(path: str, kind: str, label_key: bytes, num_classes: int) -
     try:
         with open(path, "rb") as f:
             d = _ArrayUnpickler(f, encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[label_key], dtype=np.int64)
+        data, labels = _cifar_arrays(d[b"data"], d[label_key])
     except Exception as e:  # any unpickling/format problem gets the same clear message
         raise DatasetFileError(f"{kind}: malformed file {path} ({type(e).__name__}: {e}); {where}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
@@ -236,6 +241,20 @@ def _read_cifar_file(path: str, kind: str, label_key: bytes, num_classes: int) -
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetFileError(f"{kind}: malformed file {path}: labels outside 0..{num_classes - 1}; {where}")
     return data, labels
+
+
+def _cifar_arrays(data: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 pixels, int64 labels) of a CIFAR batch, refusing what a cast would silently change:
+    pixels that are not integers in 0..255 (floats in [0, 1], 300, -1) and labels that are not integers."""
+    raw, lab = np.asarray(data), np.asarray(labels)
+    if raw.dtype != np.uint8:
+        if raw.dtype.kind not in "iu":
+            raise ValueError(f"data must hold uint8 pixel values 0..255, got dtype {raw.dtype}")
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise ValueError(f"data must hold pixel values 0..255, got values in [{raw.min()}, {raw.max()}]")
+    if lab.size and lab.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    return raw.astype(np.uint8), lab.astype(np.int64)
 
 
 def load_cifar(data_dir: str, kind: str = "cifar10") -> tuple[ImageDataset, ImageDataset]:

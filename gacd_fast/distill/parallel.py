@@ -78,9 +78,12 @@ def _device_for(name: str, local_rank: int) -> torch.device:
 def setup(device_name: str = "auto") -> torch.device:
     """Under torchrun: start the process group (once) and return this rank's device; else
     the device ``device_name`` names ("auto": cuda when available)."""
+    from .runs import resolve_device  # a device that does not exist here is a RunError naming --device
+
     ctx = env_context()
     if not ctx.enabled:
-        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name)
+        return resolve_device(device_name)
+    resolve_device(device_name)
     device = _device_for(device_name, ctx.local_rank)
     if not initialized():
         if device.type == "cuda":

@@ -34,16 +34,36 @@ from .data import DataBundle, load_dataset, load_transfer
 from .evaluate import eps_grid, eps_sweep, evaluate_models
 from .method_registry import STUDENT_METHODS
 from .methods import AttackSpec, MethodInputs, build_method
-from . import parallel
+from . import parallel, runs
 from .models import build_model
 from .report import format_table, write_results
 from .study import format_summary, noise_report, summarize, write_study
-from .train import EpochEndCallback, Logger, check_resumable, fit, load_checkpoint, pick_device, save_checkpoint
+from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, check_resumable, fit, load_checkpoint, pick_device,
+                    save_checkpoint)
 
 
-def _setup(cfg: Any, config_name: str = "config", distributed: bool = True) -> tuple[torch.device, Logger]:
+def _locked(command: str):
+    """A subcommand holds the lock of its --out folder while it runs (rank 0 alone under torchrun,
+    the only rank that writes); see :func:`.runs.locked`."""
+    return runs.locking(lambda cfg, *a, **k: cfg.out_dir, f"gacd-fast {command}", enabled=parallel.is_main)
+
+
+def _check_resume_files(files: Sequence[str], config: dict[str, Any]) -> None:
+    """--resume: each of ``files`` that exists (a finished checkpoint, a state file) must have been
+    written with ``config`` (RunError otherwise), checked before any config file is rewritten."""
+    for path in files:
+        if os.path.isfile(path):
+            saved = runs.read_torch_file(path, "gacd-fast checkpoint or state file",
+                                         "delete it to start this model over, or run without --resume", mmap=True)
+            check_resumable(path, saved.get("config"), config)
+
+
+def _setup(cfg: Any, config_name: str = "config", distributed: bool = True, *, resume_files: Sequence[str] = (),
+           run_config: dict[str, Any] | None = None, write_config: bool = True) -> tuple[torch.device, Logger]:
     """Threads, determinism, seed, config files; under torchrun (``distributed``) the process
-    group and this rank's device. Only rank 0 writes and logs."""
+    group and this rank's device. Only rank 0 writes and logs. With --resume the files
+    ``resume_files`` are checked against ``run_config`` first, so that a refused resume rewrites
+    no config file."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
@@ -53,10 +73,17 @@ def _setup(cfg: Any, config_name: str = "config", distributed: bool = True) -> t
     torch.manual_seed(cfg.seed)
     main = parallel.is_main()
     if main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.out_dir, f"{config_name}.json"))
-        save_config(cfg, os.path.join(cfg.out_dir, f"{config_name}.yaml"))
+        runs.make_out_dir(cfg.out_dir)
+        if cfg.resume and resume_files:
+            _check_resume_files(resume_files, run_config if run_config is not None else to_dict(cfg))
+        if write_config:
+            _write_config(cfg, config_name)
     return device, Logger(cfg.out_dir if main else None, quiet=not main)
+
+
+def _write_config(cfg: Any, config_name: str) -> None:
+    save_config(cfg, os.path.join(cfg.out_dir, f"{config_name}.json"))
+    save_config(cfg, os.path.join(cfg.out_dir, f"{config_name}.yaml"))
 
 
 def split_seed(cfg: Any) -> int:
@@ -67,6 +94,11 @@ def split_seed(cfg: Any) -> int:
 def _data(cfg: Any) -> DataBundle:
     s = split_seed(cfg)
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=s)
+    for split, part in (("training", data.train), ("test", data.test)):
+        if len(part) == 0:
+            raise runs.RunError(f"{cfg.dataset}: the {split} split holds no images"
+                                + (f" (files in --data-dir {cfg.data_dir})" if cfg.data_dir else "")
+                                + ": check the data files")
     return DataBundle(data.train.subset(cfg.train_limit, s), data.test.subset(cfg.test_limit, s), data.augment)
 
 
@@ -77,18 +109,21 @@ def _with_teacher_split(cfg: DemoConfig) -> DemoConfig:
         return cfg
     if not os.path.isfile(cfg.teacher):
         raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
-    meta = torch.load(cfg.teacher, map_location="cpu", weights_only=True).get("config") or {}
-    if "seed" not in meta:
+    meta = runs.read_torch_file(cfg.teacher, "gacd-fast model checkpoint",
+                                "pass a teacher checkpoint written by `gacd-fast train-teacher`").get("config") or {}
+    if not isinstance(meta, dict) or "seed" not in meta:
         raise ValueError(f"{cfg.teacher} does not say which split it was trained on; pass --split-seed")
     return dataclasses.replace(cfg, split_seed=meta.get("split_seed") if meta.get("split_seed") is not None else meta["seed"])
 
 
-def _finished(path: str, cfg: Any, log: Logger, name: str) -> bool:
-    """With --resume: True when ``path`` holds this model, trained with the same configuration."""
+def _finished(path: str, cfg: Any, log: Logger, name: str, config: dict[str, Any] | None = None) -> bool:
+    """With --resume: True when ``path`` holds this model, trained with the same configuration
+    (``config``, default the config of ``cfg``)."""
     if not (cfg.resume and os.path.isfile(path)):
         return False
-    meta = torch.load(path, map_location="cpu", weights_only=True)
-    check_resumable(path, meta.get("config"), to_dict(cfg))
+    meta = runs.read_torch_file(path, "gacd-fast model checkpoint", "delete it to train it again, or run without --resume",
+                                mmap=True)
+    check_resumable(path, meta.get("config"), to_dict(cfg) if config is None else config)
     log(f"[{name}] --resume: {path} is finished, not retrained")
     return True
 
@@ -107,13 +142,14 @@ def _attack(cfg: TeacherConfig | DistillConfig) -> AttackSpec:
     return AttackSpec(cfg.eps, cfg.alpha, cfg.attack_steps)
 
 
+@_locked("train-teacher")
 def train_teacher(cfg: TeacherConfig, log: Logger | None = None, *, callbacks: Sequence[EpochEndCallback] = ()) -> str:
     """Adversarially train the teacher; returns the checkpoint path (<out_dir>/teacher.pt).
     ``callbacks``: passed to :func:`.train.fit`."""
     cfg = resolve(cfg)
-    device, own_log = _setup(cfg, "teacher_config")
-    log = log or own_log
     path, state_path = (os.path.join(cfg.out_dir, f"teacher{ext}") for ext in (".pt", ".state.pt"))
+    device, own_log = _setup(cfg, "teacher_config", resume_files=(path, state_path))
+    log = log or own_log
     if _finished(path, cfg, log, "teacher"):
         return path
     data = _data(cfg)
@@ -132,23 +168,32 @@ def train_teacher(cfg: TeacherConfig, log: Logger | None = None, *, callbacks: S
     return path
 
 
+@_locked("distill")
 def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequence[EpochEndCallback] = ()) -> str:
     """Train one student (a method of the student registry); returns its checkpoint path.
-    ``callbacks``: passed to :func:`.train.fit`."""
+    ``callbacks``: passed to :func:`.train.fit`. The run's config records the teacher's content hash
+    (``teacher_sha256``): --resume refuses another teacher."""
     cfg = resolve(cfg)
     name = cfg.name or cfg.method
-    device, own_log = _setup(cfg, f"{name}_config")
-    log = log or own_log
     path, state_path = (os.path.join(cfg.out_dir, f"{name}{ext}") for ext in (".pt", ".state.pt"))
-    if _finished(path, cfg, log, name):
+    needs_teacher = STUDENT_METHODS[cfg.method].needs_teacher
+    if needs_teacher and not cfg.teacher:
+        raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher`")
+    run_config = to_dict(cfg)
+    if needs_teacher:
+        if not os.path.isfile(cfg.teacher):
+            raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
+        run_config[TEACHER_HASH_KEY] = runs.file_sha256(cfg.teacher)
+    device, own_log = _setup(cfg, f"{name}_config", resume_files=(path, state_path), run_config=run_config)
+    log = log or own_log
+    if _finished(path, cfg, log, name, run_config):
         return path
-    teacher = None
-    if STUDENT_METHODS[cfg.method].needs_teacher:
-        if not cfg.teacher:
-            raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher`")
-        teacher, _ = load_checkpoint(cfg.teacher, device)
+    teacher = teacher_meta = None
+    if needs_teacher:
+        teacher, teacher_meta = load_checkpoint(cfg.teacher, device)
     data = _data(cfg)
     c, _, _ = data.train.image_shape
+    runs.check_teacher_fits(cfg.teacher, teacher_meta, cfg.dataset, data.train.num_classes, c)
     model = build_model(cfg.student, data.train.num_classes, c)
     inputs = MethodInputs(_attack(cfg), teacher, getattr(model, "feature_dim", None), len(data.train))
     method = build_method("student", cfg.method, cfg, inputs)
@@ -156,13 +201,14 @@ def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequenc
     history = fit(model, method, data.train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
                   augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag=name,
-                  progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=to_dict(cfg),
+                  progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=run_config,
                   deterministic=cfg.deterministic, callbacks=callbacks)
     _finish(path, state_path, model, log, name, arch=cfg.student, num_classes=data.train.num_classes, in_channels=c,
-            role="student", method=cfg.method, config=to_dict(cfg), history=history)
+            role="student", method=cfg.method, config=run_config, history=history)
     return path
 
 
+@_locked("evaluate")
 def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
              run_config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate the teacher (if given) and the checkpoints; print the table, write results.json/csv/png,
@@ -183,13 +229,17 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     models: dict[str, torch.nn.Module] = {}
     metas: dict[str, dict[str, Any]] = {}
     teacher = None
+    c = data.test.image_shape[0]
     if cfg.teacher:
         teacher, metas["teacher"] = load_checkpoint(cfg.teacher, device)
+        runs.check_teacher_fits(cfg.teacher, metas["teacher"], cfg.dataset, data.test.num_classes, c, same_dataset=False)
         models["teacher"] = teacher
     for path in cfg.checkpoints:
         key = os.path.splitext(os.path.basename(path))[0]
         key = key if key not in models else path
         models[key], metas[key] = load_checkpoint(path, device)
+        runs.check_teacher_fits(path, metas[key], cfg.dataset, data.test.num_classes, c, option="--checkpoints",
+                                same_dataset=False)
     transfer = load_transfer(cfg.transfer, transfer_dir, seed=split_seed(cfg))
     log(f"[eval] {len(models)} model(s) on {cfg.dataset} test ({len(data.test)}), eps {cfg.eps:.4g}, "
         f"PGD-{cfg.pgd_steps}/CW-{cfg.cw_steps} step {cfg.alpha:.4g}, "
@@ -274,13 +324,17 @@ def recipe(cfg: DemoConfig, log: Logger, title: str, callbacks: Sequence[EpochEn
     return evaluate(ecfg, log, title=title, run_config=to_dict(cfg))
 
 
+@_locked("demo")
 def demo(cfg: DemoConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> list[dict[str, Any]]:
     """Adversarially train a teacher, then every student, evaluate all, print the table (and
-    which differences are inside the seed noise). ``callbacks``: passed to every :func:`.train.fit`."""
+    which differences are inside the seed noise). ``callbacks``: passed to every :func:`.train.fit`.
+    With --resume, demo_config.json/yaml are rewritten only once every model's resume check passed."""
     t_start = time.time()
     cfg = _with_teacher_split(resolve(cfg))
-    device, log = _setup(cfg, "demo_config")
+    device, log = _setup(cfg, "demo_config", write_config=not cfg.resume)
     rows = recipe(cfg, log, title=f"GACD demo on {cfg.dataset}", callbacks=callbacks)
+    if cfg.resume and parallel.is_main():
+        _write_config(cfg, "demo_config")
     if rows:
         probe_only = tuple(name for name, method, _ in student_runs(cfg.methods, cfg.banks)
                            if STUDENT_METHODS[method].probe_only)
@@ -289,6 +343,7 @@ def demo(cfg: DemoConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> list
     return rows
 
 
+@_locked("study")
 def study(cfg: StudyConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> dict[str, Any]:
     """The demo's recipe once per seed (``<out>/seed<N>/``), then mean +- std over the seeds of
     every metric: study.json, study.csv, study.png and the printed table (one process only).
@@ -297,12 +352,15 @@ def study(cfg: StudyConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> di
     cfg = _with_teacher_split(resolve(cfg))
     if parallel.launched():
         raise ValueError("gacd-fast study runs in one process (it repeats whole runs per seed); run it without torchrun")
-    _, log = _setup(cfg, "study_config", distributed=False)
+    _, log = _setup(cfg, "study_config", distributed=False, write_config=not cfg.resume)
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for seed in cfg.seeds:
         run = dataclasses.replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"))
         log(f"[study] seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}) -> {run.out_dir}")
-        per_seed[seed] = recipe(run, Logger(run.out_dir), title=f"{cfg.dataset} seed {seed}", callbacks=callbacks)
+        with runs.locked(run.out_dir, "gacd-fast study"):
+            per_seed[seed] = recipe(run, Logger(run.out_dir), title=f"{cfg.dataset} seed {seed}", callbacks=callbacks)
+    if cfg.resume:
+        _write_config(cfg, "study_config")
     summary = summarize(per_seed)
     paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds")
     log(format_summary(summary, f"{cfg.dataset}: mean +- std over seeds {cfg.seeds}"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import sys
@@ -19,6 +20,7 @@ from .atomic import atomic_torch_save
 from .data import ImageDataset, iterate
 from .methods import Method, StepOutput
 from .models import build_model
+from .runs import NonFiniteLossError, RunError, read_torch_file, remove_stale_temporaries, resolve_device
 
 # A callback of fit(), called as callback(tag, epoch) after each epoch, once that epoch's state file is
 # written: e.g. progress reporting elsewhere, or stopping a run at a known point (the resume tests do).
@@ -27,13 +29,17 @@ EpochEndCallback = Callable[[str, int], None]
 
 # Config keys that may differ between an interrupted run and its --resume without changing a number.
 RESUME_IGNORED_KEYS = frozenset({"resume", "progress", "threads", "out_dir", "teacher", "checkpoints"})
+# The content hash of a student's teacher checkpoint, recorded in its run config: the teacher's path may
+# change between a run and its --resume (it is ignored above), its content may not.
+TEACHER_HASH_KEY = "teacher_sha256"
+# What a state file written by _Training.save_state holds at least.
+STATE_KEYS = ("epoch", "model", "method", "optimizer", "scheduler", "loader_generator", "rng", "history")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto": the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """"auto": the GPU when there is one, else the CPU; a device that does not exist here (a typo,
+    cuda without a GPU, meta) is a RunError naming --device."""
+    return resolve_device(name)
 
 
 class Logger:
@@ -104,21 +110,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def config_mismatch(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
-    """Keys (outside RESUME_IGNORED_KEYS) whose values differ between two config dicts."""
+    """Keys (outside RESUME_IGNORED_KEYS) whose values differ between two config dicts. A teacher
+    hash that ``saved`` lacks (a run from before it was recorded) is not compared."""
     if saved is None or current is None:
         return []
     keys = (set(saved) | set(current)) - RESUME_IGNORED_KEYS
+    if saved.get(TEACHER_HASH_KEY) is None:
+        keys.discard(TEACHER_HASH_KEY)
     return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
 def check_resumable(path: str, saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
-    """ValueError naming the differing options unless the file ``path``, written with the config
-    ``saved``, may be continued with ``current``."""
+    """RunError (a ValueError) naming the differing options unless the file ``path``, written with
+    the config ``saved``, may be continued with ``current``; a different teacher (content hash) is
+    said first."""
+    if saved is not None and not isinstance(saved, dict):
+        raise RunError(f"--resume: {path} holds no run configuration; delete it to start that model over, "
+                       "or run without --resume")
     diff = config_mismatch(saved, current)
+    if TEACHER_HASH_KEY in diff:
+        was, now = saved.get(TEACHER_HASH_KEY), current.get(TEACHER_HASH_KEY)  # type: ignore[union-attr]
+        raise RunError(f"--resume: {path} was trained with another teacher (sha256 {str(was)[:12]}...) than "
+                       f"--teacher {current.get('teacher')} (sha256 {str(now)[:12]}...); pass the teacher it was "  # type: ignore[union-attr]
+                       "trained with, or run without --resume to start over")
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in diff[:6])  # type: ignore[union-attr]
-        raise ValueError(f"--resume: {path} was written with a different configuration ({detail}); "
-                         "run without --resume to start over, or with the same options")
+        raise RunError(f"--resume: {path} was written with a different configuration ({detail}); "
+                       "run without --resume to start over, or with the same options")
 
 
 @torch.no_grad()
@@ -154,11 +172,13 @@ class EpochTotals:
     correct: int = 0
     count: int = 0
     parts: dict[str, float] = field(default_factory=dict)
+    last_loss: float = 0.0  # the loss of the batch added last
 
     def add(self, out: StepOutput, y: torch.Tensor) -> None:
         """Add one batch: ``out`` is its step's output, ``y`` [B] int64 its labels."""
         n = y.shape[0]
-        self.loss += float(out.loss.detach()) * n
+        self.last_loss = float(out.loss.detach())
+        self.loss += self.last_loss * n
         self.correct += int((out.logits.detach().argmax(1) == y).sum())
         self.count += n
         for k, v in out.parts.items():
@@ -212,13 +232,18 @@ class _Training:
         weights, optimizer, schedule, data order, history and this rank's RNG streams. A rank the
         file has no stream for (more processes than when it was written) seeds a fresh one.
         Returns the first epoch still to train."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        hint = "delete it to start this model over, or run without --resume"
+        state = read_torch_file(path, "gacd-fast state file", hint, required=STATE_KEYS)
         check_resumable(path, state.get("config"), config)
-        self.model.load_state_dict(state["model"])
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.order.set_state(state["loader_generator"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.order.set_state(state["loader_generator"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunError(f"--resume: {path} does not fit this run ({first[:200]}); {hint}") from None
         rngs = state.get("rng_ranks") or [state["rng"]]
         if self.ctx.rank < len(rngs):
             set_rng_state(rngs[self.ctx.rank])
@@ -240,15 +265,24 @@ class _Training:
         self.model.train()
         self.method.train()
         totals = EpochTotals()
-        n_batches = (len(train) + batch_size - 1) // batch_size
+        n_batches = num_batches(len(train), batch_size)
+        # a last batch of one sample joins the one before it: in-batch negatives (bank="batch") and
+        # BatchNorm's batch statistics need two samples, and an epoch must not die at its end
         batches = bar(iterate(train, batch_size, shuffle=True, generator=self.order, augment=augment,
-                              device=self.device, rank=self.ctx.rank, world_size=self.ctx.world_size),
+                              device=self.device, rank=self.ctx.rank, world_size=self.ctx.world_size, merge_tail=True),
                       total=n_batches, desc=f"{self.tag} epoch {epoch}/{self.epochs}", unit="batch", leave=False,
                       progress=progress)
-        for x, y, idx in batches:
+        for b, (x, y, idx) in enumerate(batches, 1):
             out = self.method.step(self.model, x, y, idx)
             self.sgd_step(out.loss)
             totals.add(out, y)
+            if not math.isfinite(totals.last_loss):
+                batches.close()
+                raise NonFiniteLossError(
+                    f"[{self.tag}] epoch {epoch}, batch {b}/{n_batches}: the training loss is {totals.last_loss} "
+                    f"(lr {self.optimizer.param_groups[0]['lr']:g}): training stopped, nothing of this epoch was "
+                    "saved; lower --lr or check the data and options, then run again (--resume continues from the "
+                    "last finished epoch)")
             batches.set_postfix(loss=f"{totals.mean(totals.loss):.3f}", acc=f"{totals.mean(totals.correct):.3f}",
                                 refresh=False)
         batches.close()
@@ -345,6 +379,8 @@ def fit(
             raise TypeError(f"callbacks[{i}] must be callable as callback(tag, epoch), got {type(cb).__name__}")
     run = _Training(model, method, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     lr_milestones=lr_milestones, device=device, seed=seed, tag=tag, log=log)
+    if state_path and run.ctx.is_main:  # what a killed save of this state file left behind
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(state_path)), state_path)
     if resume and state_path and os.path.isfile(state_path):
         start = run.resume(state_path, config, seed)
     else:
@@ -373,6 +409,12 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches of an epoch over ``n`` samples (a last batch of one sample joins the one before it)."""
+    full = (n + batch_size - 1) // batch_size
+    return full - 1 if full > 1 and n % batch_size == 1 else full
+
+
 def train_seconds(history: list[dict[str, Any]]) -> float:
     """Training wall time: the sum of the epochs' times (over every session of a resumed run)."""
     return float(sum(r.get("time_s", 0.0) for r in history))
@@ -394,12 +436,20 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
     """(model in eval mode on ``device``, the checkpoint's metadata)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (write one with `gacd-fast train-teacher` or `gacd-fast distill`)")
+    hint = "pass a model checkpoint written by `gacd-fast train-teacher` or `gacd-fast distill`"
+    ckpt = read_torch_file(path, "gacd-fast model checkpoint", hint,
+                           required=("arch", "num_classes", "in_channels", "state_dict"))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
-        raise ValueError(f"{path} is not a gacd-fast model checkpoint ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise RunError(f"{path} is not a gacd-fast model checkpoint ({type(e).__name__}: {first}); {hint}") from None
+    bad = [k for k, v in ckpt["state_dict"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunError(f"{path} holds NaN/inf weights ({bad[0]}{' and others' if len(bad) > 1 else ''}): its training "
+                       "diverged; train it again (e.g. with a lower --lr)")
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model, meta

@@ -3,7 +3,8 @@
 The ops are defined here, at import, from the op modules' contracts (schema, fake that checks
 shapes, autograd formula: ``contract.py``); the library built from csrc/ registers only their
 kernels (``TORCH_LIBRARY_IMPL``, CPU in csrc/cpu/, CUDA in csrc/cuda/). Building and loading it is
-``cext_build.py``. "auto" uses this backend only when the library needs no compiling;
+``cext_build.py``; the registry loads it through :func:`prepare` before handing out an op, outside
+any torch.compile trace. "auto" uses this backend only when the library needs no compiling;
 ``backend="cext"`` compiles it on first use and says so on stderr first.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .cext_build import NAMESPACE, find_cuda_home, is_built, is_loaded, load
 
 __all__ = [
     "info_nce_rows", "l2_normalize", "cosine_similarity", "pgd_step_", "pgd_random_start", "unavailable_reason",
-    "load", "is_loaded", "is_built", "NAMESPACE",
+    "prepare", "load", "is_loaded", "is_built", "NAMESPACE",
 ]
 
 for _op in (*info_nce_op.OPS, *normalize_op.OPS, *cosine_op.OPS, *step_op.OPS):
@@ -57,7 +58,16 @@ def unavailable_reason(device: torch.device | None, *, auto: bool = False) -> st
     return None
 
 
+def prepare(auto: bool) -> None:
+    """Load the library before the registry hands out an op (outside any torch.compile trace: the
+    registry calls this from its constant-folded choice). ``auto``: never compile (RuntimeError when
+    there is nothing built to load); explicit ``backend="cext"``: compile on first use."""
+    if not is_loaded():
+        load(build=not auto)
+
+
 def _ensure() -> None:
+    """A direct call of an op function (not through the registry) loads, or builds, the library."""
     if not is_loaded():
         load()
 

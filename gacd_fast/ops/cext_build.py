@@ -2,16 +2,20 @@
 
 Where the library comes from, first that applies: already loaded in this process; an ahead-of-time
 build installed as ``gacd_fast._C`` (``GACD_FAST_BUILD_EXT=1 pip install --no-build-isolation .``);
-a JIT build with ninja into torch's extension cache (``TORCH_EXTENSIONS_DIR`` or
-~/.cache/torch_extensions). The library registers only kernels (``TORCH_LIBRARY_IMPL``); the ops'
-schemas, fakes and autograd formulas are defined in Python (``cext_backend.py``). setup.py uses the
-flags and source lists here for the ahead-of-time build.
+a JIT build in torch's extension cache (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions),
+loaded as it is when it exists, else compiled with ninja (``load(build=True)`` only: "auto" never
+starts a compile). A JIT build is keyed by everything it depends on (:func:`build_key`: sources,
+flags, compiler, torch and Python versions, CUDA toolkit), so a build for another toolchain lives in
+another folder and is never loaded or rebuilt by mistake. The library registers only kernels
+(``TORCH_LIBRARY_IMPL``); the ops' schemas, fakes and autograd formulas are defined in Python
+(``cext_backend.py``). setup.py uses the flags and source lists here for the ahead-of-time build.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -25,7 +29,7 @@ import torch
 
 __all__ = [
     "load", "is_loaded", "is_built", "build_problem", "aot_library", "has_kernel", "source_dir", "sources", "find_cuda_home",
-    "builds_cuda", "CXX_FLAGS", "LD_FLAGS", "CUDA_FLAGS", "NAMESPACE",
+    "builds_cuda", "build_key", "toolchain", "CXX_FLAGS", "LD_FLAGS", "CUDA_FLAGS", "NAMESPACE",
 ]
 
 NAMESPACE = "gacd_fast"  # the ops' namespace: torch.ops.gacd_fast.*
@@ -100,17 +104,55 @@ def builds_cuda() -> bool:
     return torch.version.cuda is not None and find_cuda_home() is not None
 
 
+def _tool_identity(name: str | None) -> str:
+    """Which program ``name`` (a command or a path) is: its real path, size and modification time
+    (a compiler upgraded in place changes them), or "missing"."""
+    path = shutil.which(name) if name else None
+    if path is None:
+        return f"{name}: missing"
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return f"{name}: {real}"
+    return f"{name}: {real} {st.st_size} {st.st_mtime_ns}"
+
+
+def toolchain(with_cuda: bool) -> list[str]:
+    """What a build depends on besides its sources and flags: the C++ compiler ($CXX, else c++),
+    torch's version and C++ ABI, Python's version, and for CUDA builds the toolkit's nvcc and the
+    target architectures ($TORCH_CUDA_ARCH_LIST)."""
+    parts = [
+        _tool_identity(os.environ.get("CXX") or "c++"),
+        f"torch {torch.__version__} {getattr(torch.version, 'git_version', '')} cuda {torch.version.cuda} "
+        f"cxx11abi {getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', '?')}",
+        f"python {platform.python_implementation()} {sys.version_info[0]}.{sys.version_info[1]}",
+    ]
+    if with_cuda:
+        home = find_cuda_home()
+        parts += [_tool_identity(os.path.join(home, "bin", "nvcc") if home else "nvcc"),
+                  f"arch {os.environ.get('TORCH_CUDA_ARCH_LIST', '')}"]
+    return parts
+
+
 @lru_cache(maxsize=None)
-def _jit_name(with_cuda: bool) -> str:
-    """The JIT build's name carries a digest of the sources and flags: a build from other sources
-    (another checkout, an older commit) lives in another folder and is never loaded by mistake.
-    Loading a library whose kernels do not match the schemas defined in Python would abort the
-    process while it registers, so "fresh" must mean "built from these very sources"."""
+def build_key(with_cuda: bool) -> str:
+    """Digest of everything a JIT build depends on: the sources (and headers), the flags and the
+    :func:`toolchain`. A build with another key lives in another folder: it is never loaded (a
+    library whose kernels do not match the schemas defined in Python would abort the process while
+    it registers), and switching toolchains back and forth never rebuilds."""
     digest = hashlib.sha256(" ".join(CXX_FLAGS + LD_FLAGS + CUDA_FLAGS).encode())
+    for part in toolchain(with_cuda):
+        digest.update(b"\0" + part.encode())
     root = source_dir()
     for path in sorted(p for p in _build_inputs(with_cuda) if p.exists()):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return f"gacd_fast_cext{'_cuda' if with_cuda else ''}_{digest.hexdigest()[:12]}"
+    return digest.hexdigest()
+
+
+def _jit_name(with_cuda: bool) -> str:
+    """The JIT build's name: ``gacd_fast_cext[_cuda]_<build_key[:12]>``."""
+    return f"gacd_fast_cext{'_cuda' if with_cuda else ''}_{build_key(with_cuda)[:12]}"
 
 
 # Cached: "auto" asks is_built() on every op call until the library is loaded, and these look-ups
@@ -179,8 +221,10 @@ def build_problem() -> str | None:
     return None
 
 
-def load(*, verbose: bool = False) -> str:
-    """Load the extension, compiling it first if needed (announced on stderr); returns how it came.
+def load(*, verbose: bool = False, build: bool = True) -> str:
+    """Load the extension; returns how it came ("preloaded", "aot", "jit"). A JIT build of this
+    :func:`build_key` in the cache is loaded as it is (ninja never runs); without one, ``build=True``
+    compiles it first (announced on stderr), ``build=False`` ("auto") raises RuntimeError.
 
     Raises RuntimeError with the reason when it cannot be built or loaded.
     """
@@ -192,12 +236,18 @@ def load(*, verbose: bool = False) -> str:
             return _loaded
         if _error is not None:
             raise RuntimeError(_error)
+        if not build and not is_built():
+            raise RuntimeError("the C++ extension is not built yet (backend='cext' builds it on first use; "
+                               "or run `make ext`)")
         try:
             if _ops_present():
                 how = "preloaded"
             elif (origin := aot_library()) is not None:
                 torch.ops.load_library(origin)
                 how = "aot"
+            elif _jit_library(builds_cuda()).exists():
+                torch.ops.load_library(str(_jit_library(builds_cuda())))
+                how = "jit"
             else:
                 _jit_build(verbose)
                 how = "jit"
@@ -231,6 +281,7 @@ def _jit_build(verbose: bool) -> None:
         )
     cpp_extension.load(
         name=name,
+        build_directory=str(Path(_jit_library(with_cuda)).parent),  # the folder is_built() looks in
         sources=sources(with_cuda),
         extra_cflags=CXX_FLAGS,
         extra_ldflags=LD_FLAGS,
