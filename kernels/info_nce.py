@@ -82,7 +82,9 @@ def _pow2_prescale(r):
     """An (up to rounding) power of two near the inverse norm ``r``: the resident tile is multiplied
     by it once, so raw dot products stay within ~2 ||other row|| (no overflow for huge rows) while
     the rows keep their own precision; the rest, r / prescale, is applied to the scores."""
-    return tl.exp2(tl.ceil(tl.log2(r)))
+    # log2/exp2 of a subnormal r (a row of norm above ~8.5e37) may flush to -inf on a GPU: clamp at
+    # the smallest normal float32 (the rest r / prescale then stays below 1)
+    return tl.exp2(tl.ceil(tl.log2(tl.maximum(r, 1.1754943508222875e-38))))
 
 
 @triton.jit

@@ -40,6 +40,16 @@ def _unit(x, scale):
 
 
 @triton.jit
+def _div_norm(v, s, ss, den):
+    """v / den, den = max(s sqrt(ss), NORM_EPS) the clamped norm of a row with max |x| = s and
+    sum (x/s)^2 = ss. A finite row whose norm exceeds float32's range (3.4e38: twenty entries of 1e38)
+    has den = inf, where v / den would be 0: there (v / s) / sqrt(ss), the same quotient in range.
+    s, ss, den broadcast against v (pass [:, None] for a tile)."""
+    over = (den == float("inf")) & (s < float("inf"))
+    return tl.where(over, (v / s) / tl.sqrt(ss), v / den)
+
+
+@triton.jit
 def _scaled_sums(x_ptr, y_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_Y: tl.constexpr):
     """Per row, over D in one pass (fp32): sx = max|x|, ssx = sum (x/sx)^2, and with ``WITH_Y``
     sy, ssy likewise and xy = sum (x/sx)(y/sy). Sums are rescaled whenever a chunk raises the max,
@@ -73,8 +83,11 @@ def _inv_norm_kernel(x_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.co
     rmask = rows < N
     sx, ssx, _, _, _ = _scaled_sums(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
     # IEEE division: 1/||x|| of a norm near 1e38 is subnormal, an approximate reciprocal flushes it
-    tl.store(out_ptr + rows, tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(sx * tl.sqrt(ssx), NORM_EPS)),
-             mask=rmask)
+    one = tl.full([BLOCK_R], 1.0, tl.float32)
+    den = tl.maximum(sx * tl.sqrt(ssx), NORM_EPS)
+    over = (den == float("inf")) & (sx < float("inf"))  # a finite row of norm above 3.4e38 (see _div_norm)
+    inv = tl.where(over, tl.div_rn(one, sx) / tl.sqrt(ssx), tl.div_rn(one, den))
+    tl.store(out_ptr + rows, inv, mask=rmask)
 
 
 @triton.jit
@@ -88,7 +101,7 @@ def _normalize_fwd_kernel(x_ptr, y_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl
         m = rmask[:, None] & (cols < D)[None, :]
         off = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0)
-        y = x.to(tl.float32) / den[:, None]
+        y = _div_norm(x.to(tl.float32), sx[:, None], ssx[:, None], den[:, None])
         tl.store(y_ptr + off, y.to(x.dtype), mask=m)
 
 
@@ -100,34 +113,36 @@ def _normalize_bwd_kernel(x_ptr, dy_ptr, dx_ptr, N, D, BLOCK_R: tl.constexpr, BL
     nrm = sx * tl.sqrt(ssx)
     den = tl.maximum(nrm, NORM_EPS)
     # y.dy with y = x/den, formed from the scaled sums (no den^3); 0 where the clamp is active
-    ydy = tl.where(nrm > NORM_EPS, (sx / den) * sdy * xdy, 0.0)
+    ydy = tl.where(nrm > NORM_EPS, _div_norm(sx, sx, ssx, den) * sdy * xdy, 0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols < D)[None, :]
         off = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        dx = (dy - (x / den[:, None]) * ydy[:, None]) / den[:, None]
+        sxc, ssc, denc = sx[:, None], ssx[:, None], den[:, None]
+        dx = _div_norm(dy - _div_norm(x, sxc, ssc, denc) * ydy[:, None], sxc, ssc, denc)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(cos, ||a|| clamped, ||b|| clamped, ||a|| > eps, ||b|| > eps) per row, overflow-safe."""
+    """(cos, then per side max|x|, sum (x/max)^2 and ||x|| clamped (see _div_norm), then ||a|| > eps,
+    ||b|| > eps) per row, overflow-safe."""
     sa, ssa, sb, ssb, ab = _scaled_sums(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
     na = sa * tl.sqrt(ssa)
     nb = sb * tl.sqrt(ssb)
     da = tl.maximum(na, NORM_EPS)
     db = tl.maximum(nb, NORM_EPS)
-    cos = ab * (sa / da) * (sb / db)
-    return cos, da, db, na > NORM_EPS, nb > NORM_EPS
+    cos = ab * _div_norm(sa, sa, ssa, da) * _div_norm(sb, sb, ssb, db)
+    return cos, sa, ssa, da, sb, ssb, db, na > NORM_EPS, nb > NORM_EPS
 
 
 @triton.jit
 def _cosine_fwd_kernel(a_ptr, b_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    cos, _, _, _, _ = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
+    cos = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)[0]
     tl.store(out_ptr + rows, cos, mask=rmask)
 
 
@@ -136,7 +151,8 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
     """da = g (b^ - a^ cos [||a|| > eps]) / max(||a||, eps), and symmetrically db."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    cos, da_, db_, a_big, b_big = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
+    cos, sa, ssa, da_, sb, ssb, db_, a_big, b_big = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
+    sa, ssa, da_, sb, ssb, db_ = sa[:, None], ssa[:, None], da_[:, None], sb[:, None], ssb[:, None], db_[:, None]
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     ca = tl.where(a_big, cos, 0.0)
     cb = tl.where(b_big, cos, 0.0)
@@ -146,10 +162,10 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
         off = rows[:, None] * D + cols[None, :]
         a = tl.load(a_ptr + off, mask=m, other=0.0)
         b = tl.load(b_ptr + off, mask=m, other=0.0)
-        ua = a.to(tl.float32) / da_[:, None]
-        ub = b.to(tl.float32) / db_[:, None]
-        gda = g[:, None] * (ub - ua * ca[:, None]) / da_[:, None]
-        gdb = g[:, None] * (ua - ub * cb[:, None]) / db_[:, None]
+        ua = _div_norm(a.to(tl.float32), sa, ssa, da_)
+        ub = _div_norm(b.to(tl.float32), sb, ssb, db_)
+        gda = _div_norm(g[:, None] * (ub - ua * ca[:, None]), sa, ssa, da_)
+        gdb = _div_norm(g[:, None] * (ua - ub * cb[:, None]), sb, ssb, db_)
         tl.store(da_ptr + off, gda.to(a.dtype), mask=m)
         tl.store(db_ptr + off, gdb.to(b.dtype), mask=m)
 
