@@ -40,13 +40,16 @@ def _unit(x, scale):
 
 
 @triton.jit
-def _div_norm(v, s, ss, den):
-    """v / den, den = max(s sqrt(ss), NORM_EPS) the clamped norm of a row with max |x| = s and
-    sum (x/s)^2 = ss. A finite row whose norm exceeds float32's range (3.4e38: twenty entries of 1e38)
-    has den = inf, where v / den would be 0: there (v / s) / sqrt(ss), the same quotient in range.
-    s, ss, den broadcast against v (pass [:, None] for a tile)."""
-    over = (den == float("inf")) & (s < float("inf"))
-    return tl.where(over, (v / s) / tl.sqrt(ss), v / den)
+def _row_divisor(s, ss):
+    """(pre, div) per row with max |x| = s and sum (x/s)^2 = ss: v / max(||x||, NORM_EPS) is
+    (v * pre) / div. pre = 1 and div the clamped norm, except for a finite row whose norm exceeds
+    float32's range (twenty entries of 1e38: the norm would be inf and every quotient 0): there
+    pre = div's scale-down 2^-64 (exact), so div stays finite. Per row, not per element: the
+    element work is one multiply and one divide whatever the row."""
+    nrm = s * tl.sqrt(ss)
+    over = (nrm == float("inf")) & (s < float("inf"))
+    pre = tl.where(over, 5.421010862427522e-20, 1.0)  # 2^-64
+    return pre, tl.where(over, (s * pre) * tl.sqrt(ss), tl.maximum(nrm, NORM_EPS))
 
 
 @triton.jit
@@ -83,11 +86,8 @@ def _inv_norm_kernel(x_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.co
     rmask = rows < N
     sx, ssx, _, _, _ = _scaled_sums(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
     # IEEE division: 1/||x|| of a norm near 1e38 is subnormal, an approximate reciprocal flushes it
-    one = tl.full([BLOCK_R], 1.0, tl.float32)
-    den = tl.maximum(sx * tl.sqrt(ssx), NORM_EPS)
-    over = (den == float("inf")) & (sx < float("inf"))  # a finite row of norm above 3.4e38 (see _div_norm)
-    inv = tl.where(over, tl.div_rn(one, sx) / tl.sqrt(ssx), tl.div_rn(one, den))
-    tl.store(out_ptr + rows, inv, mask=rmask)
+    pre, div = _row_divisor(sx, ssx)
+    tl.store(out_ptr + rows, tl.div_rn(pre, div), mask=rmask)
 
 
 @triton.jit
@@ -95,13 +95,13 @@ def _normalize_fwd_kernel(x_ptr, y_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     sx, ssx, _, _, _ = _scaled_sums(x_ptr, x_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, False)
-    den = tl.maximum(sx * tl.sqrt(ssx), NORM_EPS)
+    pre, div = _row_divisor(sx, ssx)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols < D)[None, :]
         off = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0)
-        y = _div_norm(x.to(tl.float32), sx[:, None], ssx[:, None], den[:, None])
+        y = (x.to(tl.float32) * pre[:, None]) / div[:, None]
         tl.store(y_ptr + off, y.to(x.dtype), mask=m)
 
 
@@ -111,31 +111,29 @@ def _normalize_bwd_kernel(x_ptr, dy_ptr, dx_ptr, N, D, BLOCK_R: tl.constexpr, BL
     rmask = rows < N
     sx, ssx, sdy, _, xdy = _scaled_sums(x_ptr, dy_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
     nrm = sx * tl.sqrt(ssx)
-    den = tl.maximum(nrm, NORM_EPS)
+    pre, div = _row_divisor(sx, ssx)
     # y.dy with y = x/den, formed from the scaled sums (no den^3); 0 where the clamp is active
-    ydy = tl.where(nrm > NORM_EPS, _div_norm(sx, sx, ssx, den) * sdy * xdy, 0.0)
+    ydy = tl.where(nrm > NORM_EPS, ((sx * pre) / div) * sdy * xdy, 0.0)
+    pre, div = pre[:, None], div[:, None]
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (cols < D)[None, :]
         off = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        sxc, ssc, denc = sx[:, None], ssx[:, None], den[:, None]
-        dx = _div_norm(dy - _div_norm(x, sxc, ssc, denc) * ydy[:, None], sxc, ssc, denc)
+        dx = ((dy - ((x * pre) / div) * ydy[:, None]) * pre) / div
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(cos, then per side max|x|, sum (x/max)^2 and ||x|| clamped (see _div_norm), then ||a|| > eps,
-    ||b|| > eps) per row, overflow-safe."""
+    """(cos, then per side the (pre, div) of _row_divisor, then ||a|| > eps, ||b|| > eps) per row,
+    overflow-safe."""
     sa, ssa, sb, ssb, ab = _scaled_sums(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D, True)
-    na = sa * tl.sqrt(ssa)
-    nb = sb * tl.sqrt(ssb)
-    da = tl.maximum(na, NORM_EPS)
-    db = tl.maximum(nb, NORM_EPS)
-    cos = ab * _div_norm(sa, sa, ssa, da) * _div_norm(sb, sb, ssb, db)
-    return cos, sa, ssa, da, sb, ssb, db, na > NORM_EPS, nb > NORM_EPS
+    pa, da = _row_divisor(sa, ssa)
+    pb, db = _row_divisor(sb, ssb)
+    cos = ab * ((sa * pa) / da) * ((sb * pb) / db)
+    return cos, pa, da, pb, db, sa * tl.sqrt(ssa) > NORM_EPS, sb * tl.sqrt(ssb) > NORM_EPS
 
 
 @triton.jit
@@ -151,8 +149,8 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
     """da = g (b^ - a^ cos [||a|| > eps]) / max(||a||, eps), and symmetrically db."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    cos, sa, ssa, da_, sb, ssb, db_, a_big, b_big = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
-    sa, ssa, da_, sb, ssb, db_ = sa[:, None], ssa[:, None], da_[:, None], sb[:, None], ssb[:, None], db_[:, None]
+    cos, pa, da_, pb, db_, a_big, b_big = _cosine_parts(a_ptr, b_ptr, rows, rmask, D, BLOCK_R, BLOCK_D)
+    pa, da_, pb, db_ = pa[:, None], da_[:, None], pb[:, None], db_[:, None]
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     ca = tl.where(a_big, cos, 0.0)
     cb = tl.where(b_big, cos, 0.0)
@@ -162,10 +160,10 @@ def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, BLOCK_R: tl.co
         off = rows[:, None] * D + cols[None, :]
         a = tl.load(a_ptr + off, mask=m, other=0.0)
         b = tl.load(b_ptr + off, mask=m, other=0.0)
-        ua = _div_norm(a.to(tl.float32), sa, ssa, da_)
-        ub = _div_norm(b.to(tl.float32), sb, ssb, db_)
-        gda = _div_norm(g[:, None] * (ub - ua * ca[:, None]), sa, ssa, da_)
-        gdb = _div_norm(g[:, None] * (ua - ub * cb[:, None]), sb, ssb, db_)
+        ua = (a.to(tl.float32) * pa) / da_
+        ub = (b.to(tl.float32) * pb) / db_
+        gda = ((g[:, None] * (ub - ua * ca[:, None])) * pa) / da_
+        gdb = ((g[:, None] * (ua - ub * cb[:, None])) * pb) / db_
         tl.store(da_ptr + off, gda.to(a.dtype), mask=m)
         tl.store(db_ptr + off, gdb.to(b.dtype), mask=m)
 
