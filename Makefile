@@ -16,6 +16,7 @@ STAMP   := .venv/.installed
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet "setuptools>=70.1"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --quiet --no-deps $(NODEPS)
 	touch $(STAMP)
