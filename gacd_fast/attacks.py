@@ -9,6 +9,15 @@ itself, :meth:`Attack._perturb` (PGD's loop, FGSM's single step), each step thro
 Inputs are images in [0, 1]; the result is detached; gradients are taken with
 ``torch.autograd.grad`` so no parameter ``.grad`` is touched.
 
+Precision (``precision=``, every attack): "fp32" (default) adds no autocast region, so the attack
+is torchattacks' to the bit; "bf16" / "fp16" run the model's forward and backward under
+``torch.autocast`` with that dtype, and compute the loss outside it: "ce" in float32 from the
+logits, a custom ``loss`` on the outputs as the model produced them (e.g. bf16 features; GACDLoss
+takes them). The gradient, the step, the projection and the returned images stay in the images'
+dtype. "fp16" scales the loss by :data:`FP16_LOSS_SCALE` (a power of two: exact) before the
+backward so that small gradients do not flush to zero, and divides the gradient back. A
+precision the device cannot run is a RuntimeError at the call (see :mod:`gacd_fast._precision`).
+
 Targeted mode (``set_mode_targeted_by_label()``, ``..._by_function(fn)``, ``..._random()``,
 ``..._least_likely(kth_min)``; ``set_mode_default()`` goes back), as torchattacks: the attack
 descends ``loss(model_output, target_labels)`` towards the target labels, i.e. it steps along the
@@ -27,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _precision
 from . import functional as gf
 from ._checks import (
     check_index_range, check_int, check_option, check_per_sample, check_real, check_tensor, reads_values,
@@ -40,6 +50,9 @@ DEFAULT_MODE = "default"
 BY_LABEL, BY_FUNCTION, RANDOM, LEAST_LIKELY = (
     "targeted(label)", "targeted(custom)", "targeted(random)", "targeted(least-likely)")
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# fp16 attacks: the loss is multiplied by this before the backward (fp16 gradients of a mean loss
+# underflow: 1/B times a softmax residual is often below fp16's 6e-5) and the gradient divided by it
+FP16_LOSS_SCALE = 1024.0
 
 
 def logits_of(output: object, needed_by: str = "loss='ce'") -> torch.Tensor:
@@ -60,7 +73,7 @@ def cross_entropy(output: object, targets: torch.Tensor) -> torch.Tensor:
     indices of any integer dtype (used as int64), or [B, C] floating class probabilities."""
     if not targets.is_floating_point():
         targets = targets.long()
-    return F.cross_entropy(logits_of(output), targets)
+    return F.cross_entropy(logits_of(output).float(), targets)  # float32 also for low-precision logits
 
 
 def _check_targets(targets: object, batch: int, name: str = "targets") -> None:
@@ -110,6 +123,8 @@ class Attack(ABC):
         generator: torch.Generator for the random start and random target labels (reproducible
             attacks); None: the global RNG, as torchattacks.
         backend: backend for the steps and the start (None: the current selection).
+        precision: "fp32" (default), "bf16" or "fp16": the autocast dtype of the model's forward
+            and backward (see the module docstring).
     """
 
     def __init__(
@@ -124,6 +139,7 @@ class Attack(ABC):
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -146,6 +162,7 @@ class Attack(ABC):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.backend = backend
+        self.precision = _precision.check_precision("precision", precision)
         self.set_mode_default()
 
     # ------------------------------------------------------------------ targeted mode (torchattacks')
@@ -195,8 +212,9 @@ class Attack(ABC):
     def _clean_logits(self, x_nat: torch.Tensor) -> torch.Tensor:
         """The model's logits [B, C] of the clean images, in eval mode without grad (how
         torchattacks picks its targets, whatever the attack's model mode)."""
-        with torch.no_grad(), model_mode(self.model, "eval"):
-            return logits_of(self._forward(x_nat), needed_by=f"attack mode {self._mode!r}")
+        with torch.no_grad(), model_mode(self.model, "eval"), _precision.autocast(self.precision, x_nat.device):
+            output = self._forward(x_nat)
+        return logits_of(output, needed_by=f"attack mode {self._mode!r}").float()
 
     def _attack_labels(self, x_nat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The labels the loss sees: the call's ``targets`` (default mode) or the target labels."""
@@ -284,15 +302,19 @@ class Attack(ABC):
         scalar tensor that depends on x_adv."""
         x = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            cost = self.loss_fn(self._forward(x), labels)
+            with _precision.autocast(self.precision, x.device):
+                output = self._forward(x)
+            cost = self.loss_fn(output, labels)  # outside the attack's autocast region: see the module doc
             if not isinstance(cost, torch.Tensor) or cost.numel() != 1:
                 got = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
                 raise TypeError(f"loss must return a scalar tensor (one element), got {got}")
             if not cost.requires_grad:
                 raise ValueError("loss must depend on the model's output (its result does not require grad)")
             cost = cost.reshape(())
+            if self.precision == "fp16":
+                cost = cost * FP16_LOSS_SCALE
             (grad,) = torch.autograd.grad(-cost if self.targeted else cost, x)
-        return grad
+        return grad / FP16_LOSS_SCALE if self.precision == "fp16" else grad
 
     @abstractmethod
     def _perturb(self, x_nat: torch.Tensor, x_adv: torch.Tensor, labels: torch.Tensor,
@@ -314,6 +336,8 @@ class Attack(ABC):
                                "torch.inference_mode() (torch.no_grad() is fine)")
         self._check_images(images)
         _check_targets(targets, images.shape[0])
+        if self.precision != "fp32":
+            _precision.check_device(self.precision, images.device, type(self).__name__, stacklevel=3)
         eps = check_per_sample("eps", self.eps, images.shape[0], images.device, nonneg=True)
         # a clone of an inference tensor (made under inference_mode) is a normal tensor autograd accepts
         x_nat = images.clone() if images.is_inference() else images.detach()
@@ -352,10 +376,11 @@ class PGD(Attack):
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(
             model, eps, random_start=random_start, norm=norm, loss=loss, model_mode=model_mode,
-            normalization=normalization, generator=generator, backend=backend,
+            normalization=normalization, generator=generator, backend=backend, precision=precision,
         )
         if not isinstance(alpha, torch.Tensor):
             check_real("alpha", alpha, nonneg=True)
@@ -384,10 +409,11 @@ class FGSM(Attack):
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(
             model, eps, random_start=False, norm="linf", loss=loss, model_mode=model_mode,
-            normalization=normalization, generator=generator, backend=backend,
+            normalization=normalization, generator=generator, backend=backend, precision=precision,
         )
 
     def _perturb(self, x_nat, x_adv, labels, eps):
