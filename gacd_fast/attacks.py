@@ -14,9 +14,10 @@ is torchattacks' to the bit; "bf16" / "fp16" run the model's forward and backwar
 ``torch.autocast`` with that dtype, and compute the loss outside it: "ce" in float32 from the
 logits, a custom ``loss`` on the outputs as the model produced them (e.g. bf16 features; GACDLoss
 takes them). The gradient, the step, the projection and the returned images stay in the images'
-dtype. "fp16" scales the loss by :data:`FP16_LOSS_SCALE` (a power of two: exact) before the
-backward so that small gradients do not flush to zero, and divides the gradient back. A
-precision the device cannot run is a RuntimeError at the call (see :mod:`gacd_fast._precision`).
+dtype. Under fp16 (``precision="fp16"``, or "fp32" inside an enclosing fp16 autocast region,
+e.g. a training step's) the loss is multiplied by :data:`FP16_LOSS_SCALE` (a power of two: exact)
+before the backward so that small gradients do not flush to zero, and the gradient divided back.
+A precision the device cannot run is a RuntimeError at the call (see :mod:`gacd_fast._precision`).
 
 Targeted mode (``set_mode_targeted_by_label()``, ``..._by_function(fn)``, ``..._random()``,
 ``..._least_likely(kth_min)``; ``set_mode_default()`` goes back), as torchattacks: the attack
@@ -301,6 +302,7 @@ class Attack(ABC):
         d x_adv, or d(-loss) / d x_adv in targeted mode; a tensor like x_adv. The loss must be a
         scalar tensor that depends on x_adv."""
         x = x_adv.detach().requires_grad_(True)
+        scale = self._loss_scale(x.device)
         with torch.enable_grad():
             with _precision.autocast(self.precision, x.device):
                 output = self._forward(x)
@@ -311,10 +313,18 @@ class Attack(ABC):
             if not cost.requires_grad:
                 raise ValueError("loss must depend on the model's output (its result does not require grad)")
             cost = cost.reshape(())
-            if self.precision == "fp16":
-                cost = cost * FP16_LOSS_SCALE
+            if scale != 1.0:
+                cost = cost * scale
             (grad,) = torch.autograd.grad(-cost if self.targeted else cost, x)
-        return grad / FP16_LOSS_SCALE if self.precision == "fp16" else grad
+        return grad if scale == 1.0 else grad / scale
+
+    def _loss_scale(self, device: torch.device) -> float:
+        """FP16_LOSS_SCALE when the model runs in fp16 (this attack's precision, or an enclosing
+        fp16 autocast region when the attack adds none), else 1."""
+        dtype = _precision.autocast_dtype(self.precision)
+        if dtype is None and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        return FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
 
     @abstractmethod
     def _perturb(self, x_nat: torch.Tensor, x_adv: torch.Tensor, labels: torch.Tensor,

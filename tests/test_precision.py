@@ -137,6 +137,19 @@ def test_fp16_loss_scale_keeps_small_gradients():
     assert (grad.sign() == fp32.sign()).float().mean() > 0.9
 
 
+def test_fp32_attack_in_an_enclosing_fp16_region_scales_its_loss():
+    """The pipeline trains under an autocast region and builds its attacks with the default
+    precision: under fp16 the loss scale must still apply."""
+    torch.manual_seed(0)
+    model = Net(scale=1e-4).eval()
+    x, y = data(32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        inherited = PGD(model)._gradient(x, y)
+    assert torch.equal(inherited, PGD(model, precision="fp16")._gradient(x, y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(PGD(model)._gradient(x, y), PGD(model, precision="bf16")._gradient(x, y))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_model_mode_restored_also_after_an_exception(precision):
     model = Net()
