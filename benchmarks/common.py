@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 COLUMNS = ["op", "provider", "mode", "dtype", "B", "K", "M", "D", "N", "metric", "unit",
-           "p50", "p20", "p80", "device", "torch", "triton", "commit", "timestamp"]
+           "p50", "p20", "p80", "device", "torch", "triton", "commit", "timestamp", "load"]
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,9 +34,15 @@ class Skip(Exception):
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name; for a CPU its cores, threads, vector capability and whether it has bf16
+    instructions (without them bf16 runs emulated, slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    from gacd_fast import _precision
+
+    bf16 = "bf16 native" if _precision.is_native("bf16", device) else "bf16 emulated"
+    return (f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}, {bf16})")
 
 
 def triton_version() -> str:
@@ -97,9 +103,12 @@ def _rss_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def cpu_peak_extra_mb(fn: Callable[[], object]) -> float:
-    """Peak RSS growth while ``fn`` runs, in MB (Linux: VmHWM after resetting it to VmRSS)."""
-    fn()  # first call: lazy inits, compiled code, allocator pools
+def cpu_peak_extra_mb(fn: Callable[[], object], warmup: bool = True) -> float:
+    """Peak RSS growth while ``fn`` runs, in MB (Linux: VmHWM after resetting it to VmRSS).
+    ``warmup``: measure the second call (the first makes lazy inits, compiled code, allocator
+    pools); False: the first (whole training steps, too slow to run twice)."""
+    if warmup:
+        fn()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak) to the current RSS
     base = _rss_kb("VmRSS")
@@ -121,8 +130,9 @@ def probe_in_subprocess(script: Path, spec: dict) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def cuda_peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
-    fn()
+def cuda_peak_extra_mb(fn: Callable[[], object], device: torch.device, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -165,7 +175,7 @@ class Recorder:
         row = {c: "" for c in COLUMNS}
         row.update(op=op, provider=provider, mode=mode, dtype=dtype, metric=metric, unit=unit,
                    p50=f"{p50:.6g}", p20=f"{(p50 if p20 is None else p20):.6g}",
-                   p80=f"{(p50 if p80 is None else p80):.6g}", **self.meta)
+                   p80=f"{(p50 if p80 is None else p80):.6g}", load=f"{os.getloadavg()[0]:.2f}", **self.meta)
         row.update({k: str(v) for k, v in shape.items()})
         self.rows.append(row)
 
@@ -187,9 +197,11 @@ class Recorder:
         print(f"wrote {path} ({len(self.rows)} rows)")
         return path
 
-    def summary(self, baselines: Iterable[str] = ("torch_eager", "torch_compile")) -> str:
-        """Time and memory of each provider with its ratio to each baseline (baseline / provider)."""
-        return summarize(self.rows, baselines)
+    def summary(self, baselines: Iterable[str] = ("torch_eager", "torch_compile"),
+                only: Callable[[dict], bool] = lambda row: True) -> str:
+        """Time and memory of each provider with its ratio to each baseline (baseline / provider),
+        over the rows ``only`` keeps."""
+        return summarize([r for r in self.rows if only(r)], baselines)
 
 
 def summarize(rows: list[dict], baselines: Iterable[str] = ("torch_eager", "torch_compile")) -> str:
@@ -228,8 +240,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
-    return cuda_peak_extra_mb(fn, device) if device.type == "cuda" else cpu_peak_extra_mb(fn)
+def peak_extra_mb(fn: Callable[[], object], device: torch.device, warmup: bool = True) -> float:
+    return cuda_peak_extra_mb(fn, device, warmup) if device.type == "cuda" else cpu_peak_extra_mb(fn, warmup)
 
 
 def progress(msg: str) -> None:
