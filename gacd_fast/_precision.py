@@ -111,6 +111,15 @@ def check_device(precision: str, device: torch.device, what: str, stacklevel: in
             "than 'fp32' here", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
+def enclosing_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the autocast region enclosing this code for ``device``'s type (None: none, or
+    no autocast for that device type, e.g. meta tensors)."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 def autocast(precision: str, device: torch.device) -> ContextManager[None]:
     """The autocast region of ``precision`` for ``device`` (a no-op context for "fp32")."""
     dtype = autocast_dtype(precision)

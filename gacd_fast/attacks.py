@@ -337,9 +337,7 @@ class Attack(ABC):
     def _loss_scale(self, device: torch.device) -> float:
         """FP16_LOSS_SCALE when the model runs in fp16 (this attack's precision, or an enclosing
         fp16 autocast region when the attack adds none), else 1."""
-        dtype = _precision.autocast_dtype(self.precision)
-        if dtype is None and torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+        dtype = _precision.autocast_dtype(self.precision) or _precision.enclosing_dtype(device)
         return FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
 
     @abstractmethod

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, collectives
+from . import _precision, backends, collectives
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
@@ -42,7 +42,7 @@ class Embed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        if not torch.is_autocast_enabled(x.device.type):
+        if _precision.enclosing_dtype(x.device) is None:
             x = x.to(self.linear.weight.dtype)
         return F.normalize(self.linear(x), dim=1, eps=NORM_EPS)
 
