@@ -154,6 +154,10 @@ def main() -> None:
         op, dims = f"train_step_{shape.workload}", {"B": shape.batch, "K": shape.k}
         for variant in VARIANTS:
             slow = emulated(variant, device)
+            if slow and args.quick and variant.channels_last:
+                rec.skip(f"{variant.label} ({op})", "its precision is emulated here (minutes a step): --quick times "
+                         "the plain-layout bf16 step only")
+                continue
             try:
                 fn = setup(shape, variant, device)
             except Skip as why:

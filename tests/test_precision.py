@@ -57,7 +57,7 @@ def oracle_pgd(model, x, y, *, eps, alpha, steps, precision, start=None):
     adv = x.clone() if start is None else torch.clamp(x + start, 0, 1)
     for _ in range(steps):
         adv = adv.detach().requires_grad_(True)
-        with torch.autocast("cpu", dtype=HALF[precision]):
+        with torch.autocast(x.device.type, dtype=HALF[precision]):
             out = model(adv)
         cost = F.cross_entropy(out[1].float(), y)
         scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
@@ -324,3 +324,34 @@ def test_bf16_bank_state_dict_round_trip():
     other, *_ = crit_and_features(bank_dtype="bf16")
     other.load_state_dict(crit.state_dict())
     assert other.bank_t.rows.dtype == torch.bfloat16 and torch.equal(other.bank_t.rows, crit.bank_t.rows)
+
+
+# ------------------------------------------------------------------------------ on a GPU (owed)
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_attacks_follow_the_autocast_loop(precision):
+    """On CUDA: the attack against the same loop written out (cuDNN may pick other algorithms
+    between runs: almost every pixel equal), and the loss in float32."""
+    reason = _precision.unsupported_reason(precision, torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = Net().cuda()
+    x, y = (t.cuda() for t in data(64))
+    got = PGD(model, eps=0.1, alpha=0.03, steps=4, random_start=False, precision=precision)(x, y)
+    want = oracle_pgd(model, x, y, eps=0.1, alpha=0.03, steps=4, precision=precision)
+    assert got.dtype == torch.float32 and (got == want).float().mean() > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bank_dtype", ["fp32", "bf16"])
+def test_gpu_gacd_loss_with_half_features_and_banks(bank_dtype):
+    crit, f_s, f_t, idx, contrast = crit_and_features(bank_dtype=bank_dtype)
+    ref, *_ = crit_and_features()
+    ref.load_state_dict(crit.state_dict())
+    crit, ref = crit.cuda(), ref.cuda()
+    f_s, f_t, idx, contrast = (t.cuda() for t in (f_s, f_t, idx, contrast))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = crit(f_s, f_t, idx, contrast, update_bank=False)
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref(f_s, f_t, idx, contrast, update_bank=False), torch.bfloat16, "cuda bf16 vs fp32")
