@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gacd_fast  # noqa: E402
 from common import (  # noqa: E402
-    DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress, time_ms,
+    DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress, time_interleaved,
+    time_ms,
 )
 from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, load, model, summary, warm_library  # noqa: E402
 
@@ -140,33 +141,38 @@ ATTACK_TARGETS = {"pgd10_resnet18": [("speedup", "gacd bf16", "torchattacks fp32
 
 
 def attack_benchmarks(rec: Recorder, args: argparse.Namespace, device: torch.device) -> None:
-    """PGD-10 per workload and batch for every variant, side by side: time (median of
-    --reps, 5 on a CPU), images/s, peak memory; emulated half precisions get one timed call."""
+    """PGD-10 per workload and batch for every variant, side by side and interleaved (one attack
+    of each per round: median of --reps rounds, 5 on a CPU), images/s, peak memory; half
+    precisions this device only emulates get one timed call."""
     reps = args.reps or (10 if device.type == "cuda" else 5)
     for workload, batches in ATTACK_BATCHES["quick" if args.quick else "full"].items():
         if workload not in args.workloads.split(","):
             continue
         for batch in batches:
             op, shape = f"pgd10_{workload}", {"B": batch}
+            fns, variants = {}, {}
             for variant in VARIANTS:
-                slow = emulated(variant, device)
                 try:
-                    fn = attack_fn(workload, variant, batch, device)
+                    fns[variant.label] = attack_fn(workload, variant, batch, device)
+                    variants[variant.label] = variant
                 except Skip as why:
                     rec.skip(variant.provider, str(why))
-                    continue
-                p50, p20, p80 = time_ms(fn, device, warmup=0 if slow else 1, reps=1 if slow else reps)
+            slow = frozenset(label for label, v in variants.items() if emulated(v, device))
+            progress(f"  {op} B={batch}: timing {', '.join(fns)} interleaved ({load()})")
+            times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
+            for label, variant in variants.items():
+                p50, p20, p80 = times[label]
                 rec.add(op, variant.provider, "full", variant.dtype, shape, "time", "ms", p50, p20, p80)
                 rec.add(op, variant.provider, "full", variant.dtype, shape, "images_per_s", "1/s", batch / (p50 / 1e3))
-                line = f"  {op} B={batch} {variant.label}: {p50:.1f} ms, {batch / (p50 / 1e3):.1f} images/s"
+                line = f"  {op} B={batch} {label}: {p50:.1f} ms, {batch / (p50 / 1e3):.1f} images/s"
                 if not args.no_memory:
                     spec = dict(kind="attack", workload=workload, provider=variant.provider,
                                 precision=variant.precision, B=batch, device=str(device))
                     mb = (probe_in_subprocess(Path(__file__), spec) if device.type == "cpu"
-                          else peak_extra_mb(fn, device, warmup=False))
+                          else peak_extra_mb(fns[label], device, warmup=False))
                     rec.add(op, variant.provider, "full", variant.dtype, shape, "peak_memory", "MB", mb)
                     line += f", peak extra {mb:.0f} MB"
-                progress(line + (f" (emulated: one call; load {load()})" if slow else f" (load {load()})"))
+                progress(line + (" (emulated: one call)" if label in slow else ""))
             if workload == "resnet18":
                 verdict = bit_identical_to_torchattacks(batch, device)
                 progress(f"  gacd_fast.PGD vs torchattacks.PGD (same seed), B={batch}: {verdict}")

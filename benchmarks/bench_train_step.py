@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gacd_fast  # noqa: E402
 from bench_pgd import LogitsOnly, plain_pgd  # noqa: E402
-from common import Recorder, Skip, base_parser, peak_extra_mb, probe_in_subprocess, progress, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    Recorder, Skip, base_parser, peak_extra_mb, probe_in_subprocess, progress, time_interleaved,
+)
 from gacd_fast import _precision  # noqa: E402
 from gacd_fast.functional import weighted_reduce  # noqa: E402
 from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, load, model, summary, warm_library  # noqa: E402
@@ -152,28 +154,33 @@ def main() -> None:
         if shape.workload not in chosen:
             continue
         op, dims = f"train_step_{shape.workload}", {"B": shape.batch, "K": shape.k}
+        fns, variants = {}, {}
         for variant in VARIANTS:
-            slow = emulated(variant, device)
-            if slow and args.quick and variant.channels_last:
+            if emulated(variant, device) and args.quick and variant.channels_last:
                 rec.skip(f"{variant.label} ({op})", "its precision is emulated here (minutes a step): --quick times "
                          "the plain-layout bf16 step only")
                 continue
             try:
-                fn = setup(shape, variant, device)
+                fns[variant.label] = setup(shape, variant, device)
+                variants[variant.label] = variant
             except Skip as why:
                 rec.skip(variant.provider, str(why))
-                continue
-            p50, p20, p80 = time_ms(fn, device, warmup=0 if slow else 1, reps=1 if slow else reps)
+        slow = frozenset(label for label, v in variants.items() if emulated(v, device))
+        progress(f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps}: timing {', '.join(fns)} interleaved ({load()})")
+        times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
+        for label, variant in variants.items():
+            p50, p20, p80 = times[label]
             rec.add(op, variant.provider, "full", variant.dtype, dims, "time", "ms", p50, p20, p80)
             rec.add(op, variant.provider, "full", variant.dtype, dims, "images_per_s", "1/s", shape.batch / (p50 / 1e3))
-            line = f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps} {variant.label}: {p50 / 1e3:.2f} s/step"
+            line = f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps} {label}: {p50 / 1e3:.2f} s/step"
             if not args.no_memory:
                 spec = dict(shape=vars(shape), provider=variant.provider, precision=variant.precision, device=str(device))
                 mb = (probe_in_subprocess(Path(__file__), spec) if device.type == "cpu"
-                      else peak_extra_mb(fn, device, warmup=False))
+                      else peak_extra_mb(fns[label], device, warmup=False))
                 rec.add(op, variant.provider, "full", variant.dtype, dims, "peak_memory", "MB", mb)
                 line += f", peak extra {mb:.0f} MB"
-            progress(line + (f" (emulated: one call; load {load()})" if slow else f" (load {load()})"))
+            progress(line + (" (emulated: one call)" if label in slow else ""))
+        del fns  # the next workload's models and banks
     rec.write(args.out)
     print(summary(rec.rows, TARGETS))
 

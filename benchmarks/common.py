@@ -88,6 +88,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps
     return quantiles(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int, reps: int,
+                     few: frozenset[str] = frozenset()) -> dict[str, tuple[float, float, float]]:
+    """(p50, p20, p80) ms of each function, timed round-robin (one call of each per round), so
+    that a change of the machine's load between rounds hits every function alike: on a shared
+    machine the ratios hold up better than with one function's repeats after another's. The
+    functions in ``few`` (e.g. emulated precisions, minutes a call) get no warm-up and one round."""
+    for name, fn in fns.items():
+        for _ in range(0 if name in few else warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps):
+        for name, fn in fns.items():
+            if name in few and r > 0:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: quantiles(ts) for name, ts in times.items()}
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) == 1:
         return values[0], values[0], values[0]
