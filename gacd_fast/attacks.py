@@ -174,12 +174,12 @@ class Attack(ABC):
         else:
             raise TypeError(f"loss must be 'ce' or a callable(model_output, targets), got {type(loss).__name__}")
         self.model_mode = check_option("model_mode", model_mode, MODEL_MODES)
+        self.precision = _precision.check_precision("precision", precision)
         self.normalization = self._check_normalization(normalization)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.backend = backend
-        self.precision = _precision.check_precision("precision", precision)
         self.set_mode_default()
 
     # ------------------------------------------------------------------ targeted mode (torchattacks')
@@ -229,9 +229,8 @@ class Attack(ABC):
     def _clean_logits(self, x_nat: torch.Tensor) -> torch.Tensor:
         """The model's logits [B, C] of the clean images, in eval mode without grad (how
         torchattacks picks its targets, whatever the attack's model mode)."""
-        with torch.no_grad(), model_mode(self.model, "eval"), _precision.autocast(self.precision, x_nat.device):
-            output = self._forward(x_nat)
-        return logits_of(output, needed_by=f"attack mode {self._mode!r}").float()
+        with torch.no_grad(), model_mode(self.model, "eval"):
+            return logits_of(self._forward(x_nat), needed_by=f"attack mode {self._mode!r}").float()
 
     def _attack_labels(self, x_nat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The labels the loss sees: the call's ``targets`` (default mode) or the target labels."""
@@ -311,7 +310,8 @@ class Attack(ABC):
         if self.normalization is not None:
             mean, std = (v.to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2))) for v in self.normalization)
             x = (x - mean) / std
-        return self.model(x)
+        with _precision.autocast(self.precision, x.device):  # the model's region; the loss stays outside it
+            return self.model(x)
 
     def _gradient(self, x_adv: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The direction that attacks, for one step at x_adv [B, ...] (not requiring grad): d loss /
@@ -320,9 +320,7 @@ class Attack(ABC):
         x = x_adv.detach().requires_grad_(True)
         scale = self._loss_scale(x.device)
         with torch.enable_grad():
-            with _precision.autocast(self.precision, x.device):
-                output = self._forward(x)
-            cost = self.loss_fn(output, labels)  # outside the attack's autocast region: see the module doc
+            cost = self.loss_fn(self._forward(x), labels)
             if not isinstance(cost, torch.Tensor) or cost.numel() != 1:
                 got = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
                 raise TypeError(f"loss must return a scalar tensor (one element), got {got}")
