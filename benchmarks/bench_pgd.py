@@ -2,9 +2,11 @@
 
 ``pgd_step``: one linf step (update, projection, clamp) on N float elements; bandwidth counts
 3 reads + 1 write per element and is printed next to the device's measured copy bandwidth.
-``pgd10_attack``: PGD-10 (eps 8/255, step 2/255) against a ResNet-18 on CIFAR-shaped inputs:
-gacd_fast.PGD vs torchattacks.PGD vs the same loop in plain PyTorch; also checks that the
-adversarial images are bit-identical to torchattacks' with the same random start.
+``pgd10_<workload>``: a whole PGD-10 attack on ResNet-18 (CIFAR-shaped, eps 8/255, step 2/255) and
+on the small CNNs of digits and MNIST-5k, for every variant of ``workloads.VARIANTS`` side by side:
+a plain loop, torchattacks, gacd_fast fp32, bf16, bf16 + channels_last; time, images/s, peak
+memory, the ratios and issue 20's targets; also checks that gacd_fast's fp32 images are
+bit-identical to torchattacks' with the same start.
 
     python benchmarks/bench_pgd.py --quick
 """
@@ -25,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gacd_fast  # noqa: E402
 from common import (  # noqa: E402
-    DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress, time_ms,
+    DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress, time_interleaved,
+    time_ms,
 )
+from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, load, model, summary, warm_library  # noqa: E402
 
 EPS, ALPHA = 8 / 255, 2 / 255
 STEP_PROVIDERS = ["gacd_triton", "gacd_cext", "gacd_torch", "torch_eager", "torch_compile"]
-ATTACK_PROVIDERS = ["gacd", "torchattacks", "torch_eager"]
 
 
 def eager_step(adv, grad, x):
@@ -70,59 +73,119 @@ class LogitsOnly(nn.Module):
         return self.model(x)[1]
 
 
-def plain_pgd(model, x, y, steps=10):
+def plain_pgd(model, x, y, steps=10, eps=EPS, alpha=ALPHA):
+    """PGD as a user writes it without a library: torchattacks' loop and update, literally."""
     model.eval()
-    adv = torch.clamp(x + torch.empty_like(x).uniform_(-EPS, EPS), 0, 1).detach()
+    adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0, 1).detach()
     for _ in range(steps):
         adv.requires_grad_(True)
         grad = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)[0]
-        adv = eager_step(adv.detach(), grad, x).detach()
+        adv = adv.detach() + alpha * grad.sign()
+        adv = torch.clamp(x + torch.clamp(adv - x, min=-eps, max=eps), min=0, max=1).detach()
     return adv
 
 
-def attack_fn(provider: str, batch: int, device: torch.device, random_start: bool = True) -> Callable[[], torch.Tensor]:
-    from gacd_fast.distill.models import build_model
-
-    torch.manual_seed(0)
-    model = LogitsOnly(build_model("resnet18", 10, 3)).to(device)
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    y = torch.randint(10, (batch,), device=device)
-    if provider == "gacd":
-        atk = gacd_fast.PGD(model, eps=EPS, alpha=ALPHA, steps=10, random_start=random_start)
+def attack_fn(workload: str, variant: Variant, batch: int, device: torch.device, random_start: bool = True,
+              steps: int = 10) -> Callable[[], torch.Tensor]:
+    """One PGD-``steps`` attack on the workload's student (in eval mode) by ``variant``."""
+    wl = WORKLOADS[workload]
+    net = LogitsOnly(model(wl.student, wl, variant, device))
+    x, y = images(wl, batch, variant, device)
+    if variant.provider in ("gacd", "gacd_cl"):
+        atk = gacd_fast.PGD(net, eps=wl.eps, alpha=wl.alpha, steps=steps, random_start=random_start,
+                            precision=variant.precision)
         return lambda: atk(x, y)
-    if provider == "torchattacks":
+    if variant.precision != "fp32":
+        raise ValueError(f"{variant.provider} runs fp32 only")
+    if variant.provider == "torchattacks":
         try:
             import torchattacks
         except Exception as exc:
             raise Skip(f"torchattacks not importable: {exc}") from None
-        atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=10, random_start=random_start)
+        atk = torchattacks.PGD(net, eps=wl.eps, alpha=wl.alpha, steps=steps, random_start=random_start)
         return lambda: atk(x, y)
-    if provider == "torch_eager":
-        return lambda: plain_pgd(model, x, y)
-    raise ValueError(provider)
+    if variant.provider == "plain":
+        return lambda: plain_pgd(net, x, y, steps, wl.eps, wl.alpha)
+    raise ValueError(variant.provider)
 
 
 def bit_identical_to_torchattacks(batch: int, device: torch.device) -> str:
     """Are gacd_fast.PGD's images torchattacks' to the bit? Without random start, so that the steps
     (run by the fastest backend here) are compared, not the random number generators."""
     try:
-        ta = attack_fn("torchattacks", batch, device, random_start=False)
+        ta = attack_fn("resnet18", Variant("torchattacks"), batch, device, random_start=False)
     except Skip as why:
         return f"not checked ({why})"
-    a = attack_fn("gacd", batch, device, random_start=False)()
+    a = attack_fn("resnet18", Variant("gacd"), batch, device, random_start=False)()
     b = ta()
     return "bit-identical" if torch.equal(a, b) else f"differ: max |diff| {float((a - b).abs().max()):.3g}"
 
 
 def probe(spec: dict) -> None:
     device = torch.device(spec["device"])
+    if spec.get("kind") == "attack":  # a whole attack: the peak of its first call in a fresh process
+        warm_library(device)
+        fn = attack_fn(spec["workload"], Variant(spec["provider"], spec["precision"]), spec["B"], device)
+        print(peak_extra_mb(fn, device, warmup=False))
+        return
     fn = step_fn(spec["provider"], spec["N"], DTYPES[spec["dtype"]], device)
     print(peak_extra_mb(fn, device))
+
+
+# PGD-10 on each workload's student, at these batch sizes (quick: the issue's ResNet-18 B=32)
+ATTACK_BATCHES = {"quick": {"resnet18": [32], "small_cnn_digits": [64], "small_cnn_mnist5k": [32]},
+                  "full": {"resnet18": [128, 512], "small_cnn_digits": [256], "small_cnn_mnist5k": [256]}}
+# issue 20's targets: (what, variant, baseline, bound), checked on the run's own figures
+ATTACK_TARGETS = {"pgd10_resnet18": [("speedup", "gacd bf16", "torchattacks fp32", 2.0),
+                                     ("time_ratio", "gacd fp32", "torchattacks fp32", 1.0)]}
+
+
+def attack_benchmarks(rec: Recorder, args: argparse.Namespace, device: torch.device) -> None:
+    """PGD-10 per workload and batch for every variant, side by side and interleaved (one attack
+    of each per round: median of --reps rounds, 5 on a CPU), images/s, peak memory; half
+    precisions this device only emulates get one timed call."""
+    reps = args.reps or (10 if device.type == "cuda" else 5)
+    for workload, batches in ATTACK_BATCHES["quick" if args.quick else "full"].items():
+        if workload not in args.workloads.split(","):
+            continue
+        for batch in batches:
+            op, shape = f"pgd10_{workload}", {"B": batch}
+            fns, variants = {}, {}
+            for variant in VARIANTS:
+                try:
+                    fns[variant.label] = attack_fn(workload, variant, batch, device)
+                    variants[variant.label] = variant
+                except Skip as why:
+                    rec.skip(variant.provider, str(why))
+            slow = frozenset(label for label, v in variants.items() if emulated(v, device))
+            progress(f"  {op} B={batch}: timing {', '.join(fns)} interleaved ({load()})")
+            times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
+            for label, variant in variants.items():
+                p50, p20, p80 = times[label]
+                rec.add(op, variant.provider, "full", variant.dtype, shape, "time", "ms", p50, p20, p80)
+                rec.add(op, variant.provider, "full", variant.dtype, shape, "images_per_s", "1/s", batch / (p50 / 1e3))
+                line = f"  {op} B={batch} {label}: {p50:.1f} ms, {batch / (p50 / 1e3):.1f} images/s"
+                if not args.no_memory:
+                    spec = dict(kind="attack", workload=workload, provider=variant.provider,
+                                precision=variant.precision, B=batch, device=str(device))
+                    mb = (probe_in_subprocess(Path(__file__), spec) if device.type == "cpu"
+                          else peak_extra_mb(fns[label], device, warmup=False))
+                    rec.add(op, variant.provider, "full", variant.dtype, shape, "peak_memory", "MB", mb)
+                    line += f", peak extra {mb:.0f} MB"
+                progress(line + (" (emulated: one call)" if label in slow else ""))
+            if workload == "resnet18":
+                verdict = bit_identical_to_torchattacks(batch, device)
+                progress(f"  gacd_fast.PGD vs torchattacks.PGD (same seed), B={batch}: {verdict}")
+                print(f"parity B={batch}: {verdict}")
 
 
 def main() -> None:
     ap = base_parser(__doc__.splitlines()[0])
     ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--no-steps", action="store_true", help="skip the pgd_step kernel benchmark")
+    ap.add_argument("--no-attacks", action="store_true", help="skip the whole-attack benchmark")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated workloads of the attack benchmark (default: all: {','.join(WORKLOADS)})")
     args = ap.parse_args()
     if args.probe:
         return probe(json.loads(args.probe))
@@ -132,7 +195,7 @@ def main() -> None:
     ceil = device_ceilings(device)
     progress(f"device ceilings: {ceil}")
     sizes = [3072 * 330, 3072 * 1300] if args.quick else [3072 * 330, 3072 * 3300, 3072 * 16300, 3072 * 32600]
-    for dname in args.dtypes.split(","):
+    for dname in ([] if args.no_steps else args.dtypes.split(",")):
         dtype = DTYPES[dname]
         elem = torch.empty((), dtype=dtype).element_size()
         for n in sizes:
@@ -155,23 +218,12 @@ def main() -> None:
                     rec.add("pgd_step", provider, "fwd", dname, shape, "peak_memory", "MB", mb)
                     line += f", peak extra {mb:.1f} MB"
                 progress(line)
-    batches = [32] if args.quick else [128, 512]
-    for batch in batches:
-        shape = {"B": batch}
-        for provider in ATTACK_PROVIDERS:
-            try:
-                fn = attack_fn(provider, batch, device)
-            except Skip as why:
-                rec.skip(provider, str(why))
-                continue
-            p50, p20, p80 = time_ms(fn, device, warmup=1, reps=max(3, reps // 3))
-            rec.add("pgd10_attack", provider, "full", "float32", shape, "time", "ms", p50, p20, p80)
-            progress(f"  pgd10_attack resnet18 B={batch} {provider}: {p50:.1f} ms")
-        verdict = bit_identical_to_torchattacks(batch, device)
-        progress(f"  gacd_fast.PGD vs torchattacks.PGD (same seed), B={batch}: {verdict}")
-        print(f"parity B={batch}: {verdict}")
+    if not args.no_attacks:
+        attack_benchmarks(rec, args, device)
     rec.write(args.out)
-    print(rec.summary())
+    if not args.no_steps:
+        print(rec.summary(only=lambda r: r["op"] == "pgd_step"))
+    print(summary([r for r in rec.rows if r["op"].startswith("pgd10_")], ATTACK_TARGETS))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,28 @@
-"""Benchmark one full GACD training step (PGD-10 attack + GACD loss + CE + backward + SGD step):
-gacd_fast (PGD + GACDLoss on the fastest backend) against the same step written with plain
-PyTorch ops (a torchattacks-order PGD loop, the materialised InfoNCE of the reference, a CRD-style
-memory with an in-place momentum update).
+"""Benchmark one whole GACD distillation step, side by side in one run, for every variant of
+``workloads.VARIANTS``: the teacher's forward on the clean batch, a PGD-10 attack on the student,
+the student's forward on the adversarial batch, CE + the GACD loss against a memory bank, backward,
+the SGD step and the bank's momentum update.
+
+- ``plain`` fp32: the README's drop-in block as a user writes it without gacd_fast: a hand-written
+  torchattacks-order PGD loop, eager InfoNCE over the gathered bank rows ([B, K, D], as CRD's
+  index_select), an in-place momentum update.
+- ``torchattacks`` fp32: the same step with torchattacks.PGD as the attack.
+- ``gacd`` fp32 / bf16 and ``gacd_cl`` bf16: gacd_fast.PGD (``precision=``) and GACDLoss, the
+  models' forwards under autocast in bf16, channels_last for ``gacd_cl``.
+
+ResNet-18 student and teacher at B=128, K=16,384 (CRD's default), PGD-10 (issue 20's step; --quick
+keeps it: it is the target), then the small CNNs of digits and MNIST-5k at their recipes' batch,
+bank and attack. Time per step, images/s, peak memory (the first step in a fresh process on a
+CPU), the ratios to plain fp32 and to torchattacks fp32, and issue 20's targets.
 
     python benchmarks/bench_train_step.py --quick
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,47 +34,85 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gacd_fast  # noqa: E402
 from bench_pgd import LogitsOnly, plain_pgd  # noqa: E402
-from common import Recorder, base_parser, peak_extra_mb, progress, time_ms  # noqa: E402
-from gacd_fast.distill.models import build_model  # noqa: E402
+from common import (  # noqa: E402
+    Recorder, Skip, base_parser, peak_extra_mb, probe_in_subprocess, progress, time_interleaved,
+)
+from gacd_fast import _precision  # noqa: E402
 from gacd_fast.functional import weighted_reduce  # noqa: E402
+from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, load, model, summary, warm_library  # noqa: E402
 
-NUM_DATA, TAU, MOMENTUM = 50000, 0.07, 0.5  # CIFAR-10 size; CRD's tau and momentum
+TAU, MOMENTUM = 0.07, 0.5  # CRD's tau and momentum
 
 
-def setup(provider: str, batch: int, k: int, steps: int, teacher_name: str, device: torch.device) -> Callable[[], object]:
-    torch.manual_seed(0)
-    student = build_model("resnet18", 10, 3).to(device)
-    teacher = build_model(teacher_name, 10, 3).to(device).eval()
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    y = torch.randint(10, (batch,), device=device)
-    index = torch.randperm(NUM_DATA, device=device)[:batch]
-    with torch.no_grad():
-        f_t, t_logits = teacher(x)
-    f_s_dim = student(x[:1])[0].shape[1]
-    crit = gacd_fast.GACDLoss(f_s_dim, f_t.shape[1], NUM_DATA, num_negatives=k, temperature=TAU, momentum=MOMENTUM).to(device)
+@dataclass(frozen=True)
+class StepShape:
+    """A workload's step: batch, negatives per sample, PGD steps."""
+
+    workload: str
+    batch: int
+    k: int
+    steps: int
+
+
+SHAPES = {
+    # issue 20's step (also in --quick: it is what the targets are measured on)
+    "quick": [StepShape("resnet18", 128, 16384, 10), StepShape("small_cnn_digits", 64, 1024, 10),
+              StepShape("small_cnn_mnist5k", 32, 1024, 10)],
+    "full": [StepShape("resnet18", 128, 16384, 10), StepShape("resnet18", 256, 16384, 10),
+             StepShape("small_cnn_digits", 64, 1024, 10), StepShape("small_cnn_mnist5k", 32, 1024, 10)],
+}
+TARGETS = {"train_step_resnet18": [("speedup", "gacd bf16", "plain fp32", 2.2),
+                                   ("memory_ratio", "gacd bf16", "plain fp32", 1.0)]}
+
+
+def setup(shape: StepShape, variant: Variant, device: torch.device) -> Callable[[], object]:
+    """One training step of ``variant`` on ``shape`` (models, bank and batch built here, seeded)."""
+    wl = WORKLOADS[shape.workload]
+    student = model(wl.student, wl, variant, device, seed=0)
+    teacher = model(wl.teacher, wl, variant, device, seed=1).eval()
+    x, y = images(wl, shape.batch, variant, device)
+    index = torch.randperm(wl.num_data, generator=torch.Generator().manual_seed(2))[:shape.batch].to(device)
+    torch.manual_seed(3)
+    crit = gacd_fast.GACDLoss(student.feature_dim, teacher.feature_dim, wl.num_data, num_negatives=shape.k,
+                              temperature=TAU, momentum=MOMENTUM).to(device)
     opt = torch.optim.SGD(list(student.parameters()) + list(crit.parameters()), lr=0.01, momentum=0.9)
+    region = _precision.autocast(variant.precision, device)
 
-    if provider == "gacd":
-        attack = gacd_fast.PGD(student, eps=8 / 255, alpha=2 / 255, steps=steps)
+    if variant.provider in ("gacd", "gacd_cl"):
+        attack = gacd_fast.PGD(student, eps=wl.eps, alpha=wl.alpha, steps=shape.steps, precision=variant.precision)
 
         def step():
+            with torch.no_grad(), region:
+                f_t, t_logits = teacher(x)  # once per batch, in the step's precision
             x_adv = attack(x, y)
             student.train()
-            f_s, logits = student(x_adv)
-            loss = F.cross_entropy(logits, y) + 0.8 * crit(f_s, f_t, index, teacher_logits=t_logits, targets=y)
+            with region:
+                f_s, logits = student(x_adv)
+            loss = F.cross_entropy(logits.float(), y) + 0.8 * crit(f_s, f_t, index, teacher_logits=t_logits, targets=y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return step
 
-    memory = crit.bank_t.rows  # plain: the same bank, updated in place as CRD does
+    if variant.provider == "torchattacks":
+        try:
+            import torchattacks
+        except Exception as exc:
+            raise Skip(f"torchattacks not importable: {exc}") from None
+        ta = torchattacks.PGD(LogitsOnly(student), eps=wl.eps, alpha=wl.alpha, steps=shape.steps)
+        attack_fn = lambda: ta(x, y)  # noqa: E731
+    else:
+        attack_fn = lambda: plain_pgd(LogitsOnly(student), x, y, shape.steps, wl.eps, wl.alpha)  # noqa: E731
+    memory = crit.bank_t.rows  # the same bank, updated in place as CRD does
 
     def plain_step():
-        x_adv = plain_pgd(LogitsOnly(student), x, y, steps)
+        with torch.no_grad():
+            f_t, t_logits = teacher(x)
+        x_adv = attack_fn()
         student.train()
         f_s, logits = student(x_adv)
         s, t = crit.embed_s(f_s), crit.embed_t(f_t)
-        r = torch.randint(NUM_DATA - 1, (batch, k), device=device)
+        r = torch.randint(wl.num_data - 1, (shape.batch, shape.k), device=device)
         neg = r + (r >= index[:, None]).long()
         w = t_logits.softmax(1).gather(1, y[:, None]).squeeze(1)
         gathered = F.normalize(memory[neg], dim=2)  # [B, K, D], as CRD's index_select does
@@ -77,29 +130,59 @@ def setup(provider: str, batch: int, k: int, steps: int, teacher_name: str, devi
     return plain_step
 
 
+def probe(spec: dict) -> None:
+    """The peak extra memory of the first step in this (fresh) process."""
+    device = torch.device(spec["device"])
+    warm_library(device)
+    fn = setup(StepShape(**spec["shape"]), Variant(spec["provider"], spec["precision"]), device)
+    print(peak_extra_mb(fn, device, warmup=False))
+
+
 def main() -> None:
     ap = base_parser(__doc__.splitlines()[0])
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated workloads (default: all: {','.join(WORKLOADS)})")
     args = ap.parse_args()
+    if args.probe:
+        return probe(json.loads(args.probe))
     device = torch.device(args.device)
     rec = Recorder("bench_train_step", device)
-    if args.quick:
-        configs = [dict(batch=32, k=4096, steps=2, teacher="resnet18")]
-    else:
-        configs = [dict(batch=128, k=16384, steps=10, teacher="wrn_34_10")]
-    for c in configs:
-        shape = {"B": c["batch"], "K": c["k"]}
-        for provider in ("gacd", "torch_eager"):
-            fn = setup(provider, c["batch"], c["k"], c["steps"], c["teacher"], device)
-            p50, p20, p80 = time_ms(fn, device, warmup=1, reps=args.reps or 3)
-            rec.add("gacd_train_step", provider, "full", "float32", shape, "time", "ms", p50, p20, p80)
-            line = f"  train step {c} {provider}: {p50:.1f} ms"
-            if device.type == "cuda" and not args.no_memory:
-                mb = peak_extra_mb(fn, device)
-                rec.add("gacd_train_step", provider, "full", "float32", shape, "peak_memory", "MB", mb)
+    reps = args.reps or (10 if device.type == "cuda" else 3)
+    chosen = args.workloads.split(",")
+    for shape in SHAPES["quick" if args.quick else "full"]:
+        if shape.workload not in chosen:
+            continue
+        op, dims = f"train_step_{shape.workload}", {"B": shape.batch, "K": shape.k}
+        fns, variants = {}, {}
+        for variant in VARIANTS:
+            if emulated(variant, device) and args.quick and variant.channels_last:
+                rec.skip(f"{variant.label} ({op})", "its precision is emulated here (minutes a step): --quick times "
+                         "the plain-layout bf16 step only")
+                continue
+            try:
+                fns[variant.label] = setup(shape, variant, device)
+                variants[variant.label] = variant
+            except Skip as why:
+                rec.skip(variant.provider, str(why))
+        slow = frozenset(label for label, v in variants.items() if emulated(v, device))
+        progress(f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps}: timing {', '.join(fns)} interleaved ({load()})")
+        times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
+        for label, variant in variants.items():
+            p50, p20, p80 = times[label]
+            rec.add(op, variant.provider, "full", variant.dtype, dims, "time", "ms", p50, p20, p80)
+            rec.add(op, variant.provider, "full", variant.dtype, dims, "images_per_s", "1/s", shape.batch / (p50 / 1e3))
+            line = f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps} {label}: {p50 / 1e3:.2f} s/step"
+            if not args.no_memory:
+                spec = dict(shape=vars(shape), provider=variant.provider, precision=variant.precision, device=str(device))
+                mb = (probe_in_subprocess(Path(__file__), spec) if device.type == "cpu"
+                      else peak_extra_mb(fns[label], device, warmup=False))
+                rec.add(op, variant.provider, "full", variant.dtype, dims, "peak_memory", "MB", mb)
                 line += f", peak extra {mb:.0f} MB"
-            progress(line)
+            progress(line + (" (emulated: one call)" if label in slow else ""))
+        del fns  # the next workload's models and banks
     rec.write(args.out)
-    print(rec.summary())
+    print(summary(rec.rows, TARGETS))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 COLUMNS = ["op", "provider", "mode", "dtype", "B", "K", "M", "D", "N", "metric", "unit",
-           "p50", "p20", "p80", "device", "torch", "triton", "commit", "timestamp"]
+           "p50", "p20", "p80", "device", "torch", "triton", "commit", "timestamp", "load"]
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,9 +34,15 @@ class Skip(Exception):
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name; for a CPU its cores, threads, vector capability and whether it has bf16
+    instructions (without them bf16 runs emulated, slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    from gacd_fast import _precision
+
+    bf16 = "bf16 native" if _precision.is_native("bf16", device) else "bf16 emulated"
+    return (f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}, {bf16})")
 
 
 def triton_version() -> str:
@@ -82,6 +88,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, reps
     return quantiles(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int, reps: int,
+                     few: frozenset[str] = frozenset()) -> dict[str, tuple[float, float, float]]:
+    """(p50, p20, p80) ms of each function, timed round-robin (one call of each per round), so
+    that a change of the machine's load between rounds hits every function alike: on a shared
+    machine the ratios hold up better than with one function's repeats after another's. The
+    functions in ``few`` (e.g. emulated precisions, minutes a call) get no warm-up and one round."""
+    for name, fn in fns.items():
+        for _ in range(0 if name in few else warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps):
+        for name, fn in fns.items():
+            if name in few and r > 0:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: quantiles(ts) for name, ts in times.items()}
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) == 1:
         return values[0], values[0], values[0]
@@ -97,9 +125,12 @@ def _rss_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def cpu_peak_extra_mb(fn: Callable[[], object]) -> float:
-    """Peak RSS growth while ``fn`` runs, in MB (Linux: VmHWM after resetting it to VmRSS)."""
-    fn()  # first call: lazy inits, compiled code, allocator pools
+def cpu_peak_extra_mb(fn: Callable[[], object], warmup: bool = True) -> float:
+    """Peak RSS growth while ``fn`` runs, in MB (Linux: VmHWM after resetting it to VmRSS).
+    ``warmup``: measure the second call (the first makes lazy inits, compiled code, allocator
+    pools); False: the first (whole training steps, too slow to run twice)."""
+    if warmup:
+        fn()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak) to the current RSS
     base = _rss_kb("VmRSS")
@@ -121,8 +152,9 @@ def probe_in_subprocess(script: Path, spec: dict) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def cuda_peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
-    fn()
+def cuda_peak_extra_mb(fn: Callable[[], object], device: torch.device, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -165,7 +197,7 @@ class Recorder:
         row = {c: "" for c in COLUMNS}
         row.update(op=op, provider=provider, mode=mode, dtype=dtype, metric=metric, unit=unit,
                    p50=f"{p50:.6g}", p20=f"{(p50 if p20 is None else p20):.6g}",
-                   p80=f"{(p50 if p80 is None else p80):.6g}", **self.meta)
+                   p80=f"{(p50 if p80 is None else p80):.6g}", load=f"{os.getloadavg()[0]:.2f}", **self.meta)
         row.update({k: str(v) for k, v in shape.items()})
         self.rows.append(row)
 
@@ -187,9 +219,11 @@ class Recorder:
         print(f"wrote {path} ({len(self.rows)} rows)")
         return path
 
-    def summary(self, baselines: Iterable[str] = ("torch_eager", "torch_compile")) -> str:
-        """Time and memory of each provider with its ratio to each baseline (baseline / provider)."""
-        return summarize(self.rows, baselines)
+    def summary(self, baselines: Iterable[str] = ("torch_eager", "torch_compile"),
+                only: Callable[[dict], bool] = lambda row: True) -> str:
+        """Time and memory of each provider with its ratio to each baseline (baseline / provider),
+        over the rows ``only`` keeps."""
+        return summarize([r for r in self.rows if only(r)], baselines)
 
 
 def summarize(rows: list[dict], baselines: Iterable[str] = ("torch_eager", "torch_compile")) -> str:
@@ -228,8 +262,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
-    return cuda_peak_extra_mb(fn, device) if device.type == "cuda" else cpu_peak_extra_mb(fn)
+def peak_extra_mb(fn: Callable[[], object], device: torch.device, warmup: bool = True) -> float:
+    return cuda_peak_extra_mb(fn, device, warmup) if device.type == "cuda" else cpu_peak_extra_mb(fn, warmup)
 
 
 def progress(msg: str) -> None:

@@ -1,4 +1,6 @@
-"""Turn benchmark CSVs into PNGs: per op and metric, value vs size, one line per provider.
+"""Turn benchmark CSVs into PNGs: per op and metric, value vs size, one line per provider; the
+whole-step comparisons (ops ``pgd10_*`` and ``train_step_*``: one shape, several precisions) as one
+bar chart per op and metric, a bar per variant (provider and dtype).
 
     python benchmarks/plot.py benchmarks/results/*.csv     # writes benchmarks/plots/*.png
 """
@@ -16,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PLOTS = Path(__file__).resolve().parent / "plots"
 SIZE_KEYS = ("K", "N", "M", "B")  # the first that varies within a group is the x axis
+WHOLE_STEP_OPS = ("pgd10_", "train_step_")  # variants side by side: bars, dtypes in one chart
 
 
 def load(paths: list[Path]) -> list[dict]:
@@ -26,8 +29,35 @@ def load(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def plot_bars(rows: list[dict], out: Path = PLOTS) -> list[Path]:
+    """One bar chart per whole-step op, shape and metric: a bar per variant (provider, dtype)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["metric"], r["B"], r["K"], r["device"])].append(r)
+    written = []
+    for (op, metric, b, k, device), grp in groups.items():
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        labels = [f"{r['provider']}\n{r['dtype']}" for r in grp]
+        values = [float(r["p50"]) for r in grp]
+        err = [[v - float(r["p20"]) for v, r in zip(values, grp)], [float(r["p80"]) - v for v, r in zip(values, grp)]]
+        ax.bar(range(len(grp)), values, yerr=err, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(grp)), labels, fontsize=7)
+        ax.set_ylabel(f"{metric} ({grp[0]['unit']})")
+        shape = " ".join(f"{n}={v}" for n, v in (("B", b), ("K", k)) if v)
+        ax.set_title(f"{op} {shape}\n{device}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{op}_{'_'.join(p for p in (f'B{b}', f'K{k}' if k else '') if p)}_{metric}_{'cuda' if 'cpu' not in device else 'cpu'}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def plot(rows: list[dict], out: Path = PLOTS) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    whole = [r for r in rows if r["op"].startswith(WHOLE_STEP_OPS)]
+    rows = [r for r in rows if not r["op"].startswith(WHOLE_STEP_OPS)]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["op"], r["metric"], r["mode"], r["dtype"], r["device"])].append(r)
@@ -63,7 +93,7 @@ def plot(rows: list[dict], out: Path = PLOTS) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    return written
+    return written + plot_bars(whole, out)
 
 
 def main() -> None:

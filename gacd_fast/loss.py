@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, collectives
+from . import _precision, backends, collectives
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
@@ -27,17 +27,24 @@ CRITICS = ("infonce", "nce", "crd_nce")
 TEACHER_HEADS = ("frozen", "train")
 CRD_EPS = 1e-7  # RepDistiller's ContrastLoss adds it to every denominator
 CRD_OPTIONS = ("s_dim", "t_dim", "feat_dim", "nce_k", "nce_t", "nce_m", "n_data")  # read by from_crd_opt
+BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # ``bank_dtype=``: the stored rows' dtype
 
 
 class Embed(nn.Module):
-    """Flatten, linear map to ``embed_dim``, L2-normalise (CRD's Embed). [B, ...] -> [B, embed_dim]."""
+    """Flatten, linear map to ``embed_dim``, L2-normalise (CRD's Embed). [B, ...] -> [B, embed_dim].
+
+    Features of another float dtype than the head's (e.g. bf16 features from an autocast region)
+    are cast to the head's dtype outside autocast; inside it autocast picks the matmul's dtype."""
 
     def __init__(self, dim_in: int, embed_dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim_in, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(x.flatten(1)), dim=1, eps=NORM_EPS)
+        x = x.flatten(1)
+        if _precision.enclosing_dtype(x.device) is None:
+            x = x.to(self.linear.weight.dtype)
+        return F.normalize(self.linear(x), dim=1, eps=NORM_EPS)
 
 
 class Term(NamedTuple):
@@ -86,6 +93,11 @@ class GACDLoss(nn.Module):
             resumed run keeps it; it is read on the host each call, as CRD's ``.item()``).
         symmetric: also add the teacher-query term (teacher embedding as query against a bank of
             student embeddings), as CRD does.
+        bank_dtype: "fp32" (default) or "bf16": the dtype of the stored rows (bank="memory" and
+            "queue"). "bf16" halves the bank (CRD on ImageNet: 1.28M x 128 rows x 2 banks, 1.3 GB
+            in fp32); the embeddings are then rounded to bf16 too and the InfoNCE products run in
+            bf16 with float32 sums, so the loss is float32 but its inputs carry bf16 rounding
+            (measured in docs/mixed_precision.md). Momentum updates mix in float32 and round once.
         reduction: "mean" (weighted mean), "sum" or "none" ([B]: each row's terms summed).
         backend: backend for the InfoNCE op (None: the current selection).
         distributed: act across a torch.distributed process group (None: when one is
@@ -119,6 +131,7 @@ class GACDLoss(nn.Module):
         reduction: str = "mean",
         backend: str | None = None,
         distributed: bool | None = None,
+        bank_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         check_int("student_dim", student_dim, minimum=1)
@@ -148,8 +161,13 @@ class GACDLoss(nn.Module):
         self.embed_t = Embed(teacher_dim, embed_dim)
         if teacher_head == "frozen":
             self.embed_t.requires_grad_(False)
-        self.bank_t = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives)  # teacher embeddings
-        self.bank_s = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives) if symmetric else None
+        rows_dtype = BANK_DTYPES[check_option("bank_dtype", bank_dtype, tuple(BANK_DTYPES))]
+        if bank == "batch" and bank_dtype != "fp32":
+            raise ValueError(f"bank_dtype={bank_dtype!r} needs a bank that stores rows ('memory' or 'queue'); "
+                             "bank='batch' stores none")
+        self.bank_t = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives, rows_dtype)  # teacher embeddings
+        self.bank_s = (_make_bank(bank, num_data, embed_dim, momentum, self.num_negatives, rows_dtype)
+                       if symmetric else None)
         if critic == "crd_nce":  # CRD's Z per term: [student query vs bank_t, teacher query vs bank_s]
             self.register_buffer("crd_z", torch.full((2,), -1.0))
 
@@ -215,7 +233,10 @@ class GACDLoss(nn.Module):
             update_bank: update the bank with this batch (default: ``self.training``).
 
         Returns:
-            float32 scalar (float64 for a float64 module), or [B] with reduction="none".
+            float32 scalar (float64 for a float64 module), or [B] with reduction="none". ``f_s`` and
+            ``f_t`` may be bf16/fp16 (e.g. from an autocast region): the heads take them in their
+            own dtype (autocast's inside a region), the embeddings are cast to the stored rows'
+            dtype, and the loss is accumulated and returned in float32.
         """
         batch = self._check_inputs(f_s, f_t, index, contrast_index, update_bank)
         weights = self._sample_weights(weights, teacher_logits, targets, batch)
@@ -277,10 +298,11 @@ class GACDLoss(nn.Module):
 
     def _embed(self, f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher embeddings [B, embed_dim], in the stored rows' dtype when the bank
-        stores rows (autocast gives half embeddings)."""
+        stores rows, else both in the student's (autocast may give half embeddings; the teacher's
+        may come from outside the region)."""
         s, t = self.embed_s(f_s), self.embed_t(f_t)
-        dtype = self.bank_t.rows_dtype
-        return (s, t) if dtype is None else (s.to(dtype), t.to(dtype))
+        dtype = self.bank_t.rows_dtype or s.dtype
+        return s.to(dtype), t.to(dtype)
 
     def _anchored_terms(self, s, t, index, contrast_index, dist_on: bool) -> list[Term]:
         """GACD's terms: the student embedding against the teacher's fresh embedding of the same
@@ -368,11 +390,12 @@ class GACDLoss(nn.Module):
             self.bank_s.update(s.detach(), index, dist_on=dist_on)
 
 
-def _make_bank(kind: str, num_data: int | None, dim: int, momentum: float, num_negatives: int) -> NegativeBank:
-    """A bank of ``kind`` (one of BANKS) for ``dim``-wide embeddings."""
+def _make_bank(kind: str, num_data: int | None, dim: int, momentum: float, num_negatives: int,
+               dtype: torch.dtype = torch.float32) -> NegativeBank:
+    """A bank of ``kind`` (one of BANKS) for ``dim``-wide embeddings, storing ``dtype`` rows."""
     if kind == "memory":
-        return MemoryBank(num_data, dim, momentum, num_negatives)
-    return FeatureQueue(num_negatives, dim) if kind == "queue" else BatchNegatives()
+        return MemoryBank(num_data, dim, momentum, num_negatives, dtype=dtype)
+    return FeatureQueue(num_negatives, dim, dtype=dtype) if kind == "queue" else BatchNegatives()
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -9,7 +9,8 @@ query (:meth:`~NegativeBank.negatives`), and what to remember of this batch afte
 - :class:`FeatureQueue` (MoCo): a FIFO of the last ``size`` embeddings; every row is a negative.
 - :class:`BatchNegatives`: the other samples' keys of the (global) batch; nothing is stored.
 
-Stored rows are constants (no gradient). Updates replace the buffer with an updated copy instead of
+Stored rows are constants (no gradient), float32 by default or bfloat16 (``dtype=``: half the
+memory; updates mix in float32 and round once). Updates replace the buffer with an updated copy instead of
 writing in place: the rows handed to the loss may be saved by autograd for backward (by any
 backend), and an in-place write would corrupt that graph. The copy is one bank's size per step,
 small next to a training step's forward and backward.
@@ -35,6 +36,7 @@ from ._checks import (
     check_tensor,
     reads_values,
 )
+from ._numerics import acc_dtype
 from .ops.reference import NORM_EPS
 
 
@@ -106,17 +108,26 @@ class NegativeBank(nn.Module):
         return values, collectives.all_gather_rows(index) if index is not None else None
 
 
+def _rows_dtype(dtype: object) -> torch.dtype:
+    """The stored rows' dtype: float32 or bfloat16."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16 (the stored rows), got {dtype!r}")
+    return dtype  # type: ignore[return-value]
+
+
 class MemoryBank(NegativeBank):
     """CRD-style memory: one row per training sample, updated with momentum.
 
-    ``rows``: [num_data, dim] float32, initialised U(-stdv, stdv) with stdv = 1/sqrt(dim/3) as in
-    CRD (until :meth:`prefill` or the sample's first update replaces it).
+    ``rows``: [num_data, dim] of ``dtype`` (float32 or bfloat16), initialised U(-stdv, stdv) with
+    stdv = 1/sqrt(dim/3) as in CRD (drawn in float32, then rounded; until :meth:`prefill` or the
+    sample's first update replaces it).
     """
 
     kind = "memory"
     needs_index = True
 
-    def __init__(self, num_data: int, dim: int, momentum: float = 0.5, num_negatives: int = 16384) -> None:
+    def __init__(self, num_data: int, dim: int, momentum: float = 0.5, num_negatives: int = 16384, *,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         check_int("num_data", num_data, minimum=2)
         check_int("dim", dim, minimum=1)
@@ -125,7 +136,7 @@ class MemoryBank(NegativeBank):
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         stdv = 1.0 / math.sqrt(dim / 3)
-        self.register_buffer("rows", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("rows", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv).to(_rows_dtype(dtype)))
 
     @property
     def num_data(self) -> int:
@@ -182,30 +193,32 @@ class MemoryBank(NegativeBank):
     def update(self, keys: torch.Tensor, index: torch.Tensor | None = None, *, dist_on: bool = False) -> None:
         """rows[index] <- normalize(m * rows[index] + (1 - m) * keys) (out of place, see module doc)."""
         v, index = self._gather(*self._rows_and_index("update", keys, index), dist_on)
-        mixed = self.rows[index] * self.momentum + v.to(self.rows.dtype) * (1 - self.momentum)
-        self.rows = self.rows.index_copy(0, index, F.normalize(mixed, dim=1, eps=NORM_EPS))
+        acc = acc_dtype(self.rows.dtype)  # mixed and normalised in float32, rounded once to the rows' dtype
+        mixed = self.rows[index].to(acc) * self.momentum + v.to(acc) * (1 - self.momentum)
+        self.rows = self.rows.index_copy(0, index, F.normalize(mixed, dim=1, eps=NORM_EPS).to(self.rows.dtype))
 
     @torch.no_grad()
     def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """rows[index] <- normalize(keys), exactly."""
         v, index = self._rows_and_index("prefill", keys, index)
-        self.rows = self.rows.index_copy(0, index, F.normalize(v.to(self.rows.dtype), dim=1, eps=NORM_EPS))
+        unit = F.normalize(v.to(acc_dtype(self.rows.dtype)), dim=1, eps=NORM_EPS)
+        self.rows = self.rows.index_copy(0, index, unit.to(self.rows.dtype))
 
 
 class FeatureQueue(NegativeBank):
     """MoCo-style FIFO of the last ``size`` embeddings; starts as random unit rows like MoCo.
 
-    ``rows``: [size, dim] float32; ``ptr``: int64 scalar, the next row to overwrite (kept a tensor
-    so enqueue needs no host sync).
+    ``rows``: [size, dim] of ``dtype`` (float32 or bfloat16); ``ptr``: int64 scalar, the next row
+    to overwrite (kept a tensor so enqueue needs no host sync).
     """
 
     kind = "queue"
 
-    def __init__(self, size: int, dim: int) -> None:
+    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         check_int("size", size, minimum=1)
         check_int("dim", dim, minimum=1)
-        self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1).to(_rows_dtype(dtype)))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):

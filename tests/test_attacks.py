@@ -437,3 +437,28 @@ def test_attack_base_is_the_extension_point():
     adv = RandomStartOnly(model, 0.05, random_start=True, generator=torch.Generator().manual_seed(1))(x, y)
     assert torch.equal(adv, gacd_fast.pgd_random_start(x, eps=0.05, generator=torch.Generator().manual_seed(1)))
     assert model.training
+
+
+def test_parameters_stop_requiring_grad_only_during_the_attack():
+    """The attack needs only the input's gradient: the parameters' flags are off while it runs (the
+    speed-up) and every flag comes back after, also after an exception; frozen ones stay frozen."""
+    model = TinyNet(dropout=False)
+    model.bn.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+
+    def loss(out, targets):
+        seen.append([p.requires_grad for p in model.parameters()])
+        return F.cross_entropy(out, targets)
+
+    x, y = images(4), torch.randint(4, (4,))
+    PGD(model, eps=0.05, alpha=0.02, steps=2, loss=loss)(x, y)
+    assert seen == [[False] * len(flags)] * 2
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+    def failing(out, targets):
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        FGSM(model, loss=failing)(x, y)
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -112,6 +112,19 @@ def test_info_nce_gradcheck(backend, mode, normalize, bank_grad):
     assert torch.autograd.gradcheck(loss, args)
 
 
+@pytest.mark.parametrize("case", NCE_CASES.values(), ids=NCE_CASES.keys())
+@pytest.mark.parametrize("mode", ["shared", "indexed"])
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d).removeprefix("torch.")) for d in LOW_PRECISION])
+def test_info_nce_half_products(backend, case, mode, dtype, monkeypatch):
+    """bf16/fp16 multiplied in their own dtype with float32 sums (the path of CPUs with
+    AVX512-BF16/AMX, forced here): still within the dtype's tolerance. The Triton kernels have
+    no switch (their half dots are always half)."""
+    if backend == "triton":
+        pytest.skip("the switch is the CPU backends'")
+    monkeypatch.setenv("GACD_FAST_LOWP_PRODUCTS", "1")
+    test_info_nce(backend, case, mode, dtype)
+
+
 # ----------------------------------------------------------------------- normalize, cosine_similarity
 ROW_SHAPES = [(1, 1), (3, 5), (17, 31), (3, 1030)]  # D = 1030: more than one Triton block of a row
 

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,7 +42,9 @@ void pgd_linf(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat
   const scalar_t lo = static_cast<scalar_t>(clip_min), hi = static_cast<scalar_t>(clip_max);
   // Each op rounds to scalar_t, as the eager sequence of torch ops does (bitwise in float32):
   // alpha as a float is applied in op_t (torch's scalar multiply); as a tensor it is first cast to x's dtype.
-  at::parallel_for(0, B * N, 4096, [&](int64_t j0, int64_t j1) {
+  // ATen's grain for element-wise ops: below it one thread (torch's own clamp/add do the same), so a
+  // small batch never waits at a thread barrier, which costs most on a shared machine.
+  at::parallel_for(0, B * N, at::internal::GRAIN_SIZE, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / N;
       const op_t a = at_ ? static_cast<op_t>(at_[b]) : static_cast<op_t>(alpha);

@@ -13,8 +13,13 @@
 // neg_index: each row gathers its own negatives on the fly (dot products straight from the bank);
 // the negatives' gradient is column-owned through a counting-sort inverse of neg_index, so every
 // bank row is written by one thread in a fixed order: no atomics, deterministic.
+// Half inputs (bfloat16/float16), shared bank: where the CPU multiplies them natively (see
+// half_products) both matmuls take the rows as they are and the query normalised in float32 and
+// rounded back, and the scores, softmax sums and gradients accumulate in float32; elsewhere the
+// chunks are upcast to float32 first (emulated half products are far slower than float32 ones).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -22,6 +27,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -51,6 +58,23 @@ template <> inline float soft_exp<float>(float x) {
   union { int32_t i; float f; } two_n;
   two_n.i = (static_cast<int32_t>(n) + 127) << 23;
   return p * two_n.f;
+}
+
+// Whether half inputs of dtype t are multiplied in t: where the CPU has the instructions (torch's
+// cpuinfo: AVX512-BF16/AMX-BF16 for bfloat16, AVX512-FP16/AMX-FP16 for float16), or as
+// GACD_FAST_LOWP_PRODUCTS says ("1" always, "0" never; the same switch as the torch backend's).
+bool half_products(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  if (const char* forced = std::getenv("GACD_FAST_LOWP_PRODUCTS")) {
+    if (std::strcmp(forced, "1") == 0) return true;
+    if (std::strcmp(forced, "0") == 0) return false;
+  }
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [](const char* key) {
+    auto it = caps.find(key);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  return t == at::kBFloat16 ? has("avx512_bf16") || has("amx_bf16") : has("avx512_fp16") || has("amx_fp16");
 }
 
 // Rows in the accumulation dtype, unit-normalised when asked, with what backward needs.
@@ -92,29 +116,34 @@ int64_t chunk_rows(int64_t B, int64_t K) {
   return std::min(c, K);
 }
 
-// One chunk of the bank in the accumulation dtype, its inverse norms and column scales.
+// One chunk of the bank in the accumulation dtype (in its own half dtype when half), its inverse
+// norms and column scales.
 struct Chunk {
-  at::Tensor rows;   // [c, D] acc contiguous (a view when the bank already is); rows * inv = n_hat
-  at::Tensor inv;    // [c] inverse norms (ones without normalisation)
+  at::Tensor rows;   // [c, D] contiguous (a view when the bank already is); rows * inv = n_hat
+  at::Tensor inv;    // [c] inverse norms in acc (ones without normalisation)
   at::Tensor jac;    // [c] 1 / max(||n||, eps), the Jacobian's scale (= inv unless rows were rescaled)
   at::Tensor proj;   // [c] bool or undefined
   at::Tensor cscale; // [c] scale * inv
 };
 
+// half: keep the rows in their half dtype for half products; a chunk with a norm beyond float's
+// range is upcast and rescaled like a float one.
 Chunk bank_chunk(const at::Tensor& negatives, int64_t c0, int64_t cn, at::ScalarType acc, bool normalize,
-                 double scale) {
+                 double scale, bool half = false) {
   Chunk ch;
-  ch.rows = negatives.narrow(0, c0, cn).to(acc).contiguous();
+  const at::Tensor raw = negatives.narrow(0, c0, cn);
+  ch.rows = half ? raw.contiguous() : raw.to(acc).contiguous();
   if (normalize) {
-    at::Tensor nrm = at::linalg_vector_norm(ch.rows, 2, at::IntArrayRef{1}, false, c10::nullopt);
-    if (ch.rows.scalar_type() == at::kFloat && !at::isfinite(nrm).all().item<bool>()) {
+    at::Tensor nrm = at::linalg_vector_norm(half ? raw.to(acc) : ch.rows, 2, at::IntArrayRef{1}, false, c10::nullopt);
+    if (acc == at::kFloat && !at::isfinite(nrm).all().item<bool>()) {
       // a norm beyond float's range (rows of ~1e38): each row is divided by a power of two near its
       // max |n| (exact), so the scores' products stay finite, and inv grows by the same power
-      const at::Tensor n64 = at::linalg_vector_norm(ch.rows, 2, at::IntArrayRef{1}, false, at::kDouble);
+      const at::Tensor r32 = raw.to(acc);
+      const at::Tensor n64 = at::linalg_vector_norm(r32, 2, at::IntArrayRef{1}, false, at::kDouble);
       const at::Tensor inv64 = n64.clamp_min(kNormEps).reciprocal();
-      const at::Tensor mx = ch.rows.abs().amax(1).to(at::kDouble);
+      const at::Tensor mx = r32.abs().amax(1).to(at::kDouble);
       const at::Tensor p2 = at::where(at::isfinite(mx) & (mx > 0), at::exp2(at::ceil(at::log2(mx))), at::ones_like(mx));
-      ch.rows = (ch.rows.to(at::kDouble) / p2.unsqueeze(1)).to(at::kFloat).contiguous();
+      ch.rows = (r32.to(at::kDouble) / p2.unsqueeze(1)).to(at::kFloat).contiguous();
       ch.inv = (inv64 * p2).to(at::kFloat);
       ch.jac = inv64.to(at::kFloat);
       ch.proj = n64 >= kNormEps;
@@ -124,10 +153,23 @@ Chunk bank_chunk(const at::Tensor& negatives, int64_t c0, int64_t cn, at::Scalar
       ch.proj = nrm >= kNormEps;
     }
   } else {
-    ch.inv = at::ones({cn}, ch.rows.options());
+    ch.inv = at::ones({cn}, ch.rows.options().dtype(acc));
   }
   ch.cscale = (ch.inv * scale).contiguous();
   return ch;
+}
+
+// S = q_hat @ rows^T [B, c] in acc: in the rows' half dtype (qlow: q_hat rounded to it) when qlow
+// is defined and the rows are still half, else in acc straight into S.
+void chunk_scores(at::Tensor& S, const at::Tensor& qhat, const at::Tensor& qlow, const Chunk& ch) {
+  if (qlow.defined() && ch.rows.scalar_type() == qlow.scalar_type()) S.copy_(at::mm(qlow, ch.rows.t()));
+  else at::mm_out(S, qhat, ch.rows.t());
+}
+
+// out += W @ rows [B, D] (W [B, c] in acc): the product in the rows' dtype.
+void add_weighted_rows(at::Tensor& out, const at::Tensor& W, const Chunk& ch) {
+  if (ch.rows.scalar_type() == out.scalar_type()) out.addmm_(W, ch.rows);
+  else out.add_(at::mm(W.to(ch.rows.scalar_type()), ch.rows));
 }
 
 // BLAS called from inside at::parallel_for must stay single-threaded: MKL (torch's x86 BLAS) would
@@ -194,9 +236,10 @@ acc_t inf_sum(acc_t l, acc_t m_old, acc_t m_new, const acc_t* s, int64_t n) {
 
 // Shared bank, forward. m/l: running max and sum per row, seeded with the positive logit (m = s_pos,
 // l = 1). dq (when defined): sum_k exp(s_ik - m_i) * scale * inv_k * n_k, divided by l later.
+// qlow: q_hat in the bank's half dtype for half products (else undefined).
 template <typename acc_t>
-void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize, double scale, acc_t* m, acc_t* l,
-                    at::Tensor& dq) {
+void shared_forward(const Units& q, const at::Tensor& qlow, const at::Tensor& negatives, bool normalize, double scale,
+                    acc_t* m, acc_t* l, at::Tensor& dq) {
   const int64_t B = q.xhat.size(0), K = negatives.size(0), D = q.xhat.size(1);
   const Groups gr = plan_groups(B, K);
   const auto opts = q.xhat.options();
@@ -215,9 +258,9 @@ void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize,
       acc_t* dqp = dq.defined() ? dqg.data_ptr<acc_t>() : nullptr;
       for (int64_t ci = gr.first(g); ci < gr.first(g + 1); ++ci) {
         const int64_t c0 = ci * gr.chunk, cn = std::min(gr.chunk, K - c0);
-        Chunk ch = bank_chunk(negatives, c0, cn, q.xhat.scalar_type(), normalize, scale);
+        Chunk ch = bank_chunk(negatives, c0, cn, q.xhat.scalar_type(), normalize, scale, qlow.defined());
         at::Tensor S = buf.narrow(0, 0, B * cn).view({B, cn});
-        at::mm_out(S, q.xhat, ch.rows.t());
+        chunk_scores(S, q.xhat, qlow, ch);
         acc_t* sp = S.data_ptr<acc_t>();
         const acc_t* cs = ch.cscale.data_ptr<acc_t>();
         for (int64_t i = 0; i < B; ++i) {
@@ -249,7 +292,7 @@ void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize,
           lg[i] = lg[i] * alpha + sum;
           mg[i] = m_new;
         }
-        if (dqp) dqg.addmm_(S, ch.rows);
+        if (dqp) add_weighted_rows(dqg, S, ch);
       }
     }
   });
@@ -279,8 +322,8 @@ void shared_forward(const Units& q, const at::Tensor& negatives, bool normalize,
 // Shared bank, backward over the negatives: adds to dqhat (when defined) and writes dn (when defined).
 // Each group owns its chunks' rows of dn (column-owned) and a partial d q_hat merged in group order.
 template <typename acc_t>
-void shared_backward(const Units& q, const at::Tensor& negatives, bool normalize, double scale, const acc_t* lse,
-                     const acc_t* g, at::Tensor& dqhat, at::Tensor& dn) {
+void shared_backward(const Units& q, const at::Tensor& qlow, const at::Tensor& negatives, bool normalize,
+                     double scale, const acc_t* lse, const acc_t* g, at::Tensor& dqhat, at::Tensor& dn) {
   const int64_t B = q.xhat.size(0), K = negatives.size(0), D = q.xhat.size(1);
   const Groups gr = plan_groups(B, K);
   const auto opts = q.xhat.options();
@@ -293,9 +336,9 @@ void shared_backward(const Units& q, const at::Tensor& negatives, bool normalize
       at::Tensor dqg = dqhat.defined() ? gdq[grp] : at::Tensor();
       for (int64_t ci = gr.first(grp); ci < gr.first(grp + 1); ++ci) {
         const int64_t c0 = ci * gr.chunk, cn = std::min(gr.chunk, K - c0);
-        Chunk ch = bank_chunk(negatives, c0, cn, q.xhat.scalar_type(), normalize, scale);
+        Chunk ch = bank_chunk(negatives, c0, cn, q.xhat.scalar_type(), normalize, scale, qlow.defined());
         at::Tensor S = buf.narrow(0, 0, B * cn).view({B, cn});
-        at::mm_out(S, q.xhat, ch.rows.t());
+        chunk_scores(S, q.xhat, qlow, ch);
         acc_t* sp = S.data_ptr<acc_t>();
         const acc_t* cs = ch.cscale.data_ptr<acc_t>();
         // W_ik = g_i * softmax_ik * scale = dL / d(q_hat_i . n_hat_k)
@@ -305,7 +348,9 @@ void shared_backward(const Units& q, const at::Tensor& negatives, bool normalize
           for (int64_t k = 0; k < cn; ++k) row[k] = soft_exp(row[k] * cs[k] - lse[i]) * w;
         }
         if (dn.defined()) {
-          at::Tensor d = at::mm(S.t(), q.xhat);  // [cn, D] d n_hat: this group's rows only
+          // [cn, D] d n_hat: this group's rows only
+          at::Tensor d = qlow.defined() ? at::mm(S.t().to(qlow.scalar_type()), qlow).to(S.scalar_type())
+                                        : at::mm(S.t(), q.xhat);
           if (normalize) {
             at::Tensor nhat = ch.rows * ch.inv.unsqueeze(1);
             at::Tensor dot = (nhat * d).sum(1, true) * ch.proj.unsqueeze(1);
@@ -317,7 +362,7 @@ void shared_backward(const Units& q, const at::Tensor& negatives, bool normalize
           const acc_t* inv = ch.inv.data_ptr<acc_t>();
           for (int64_t i = 0; i < B; ++i)
             for (int64_t k = 0; k < cn; ++k) sp[i * cn + k] *= inv[k];
-          dqg.addmm_(S, ch.rows);
+          add_weighted_rows(dqg, S, ch);
         }
       }
     }
@@ -522,7 +567,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_forward_cpu(const at::Te
       index_forward<scalar_t, acc_t>(q, negatives, idx.data_ptr<int64_t>(), idx.size(1), normalize, scale,
                                      m.data_ptr<acc_t>(), l.data_ptr<acc_t>(), dq);
     } else {
-      shared_forward<acc_t>(q, negatives, normalize, scale, m.data_ptr<acc_t>(), l.data_ptr<acc_t>(), dq);
+      const at::Tensor qlow = half_products(negatives.scalar_type()) ? q.xhat.to(negatives.scalar_type()) : at::Tensor();
+      shared_forward<acc_t>(q, qlow, negatives, normalize, scale, m.data_ptr<acc_t>(), l.data_ptr<acc_t>(), dq);
     }
   });
   at::Tensor lse = m + l.log();
@@ -557,7 +603,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
         index_backward<scalar_t, acc_t>(q, negatives, idx.data_ptr<int64_t>(), idx.size(1), normalize, scale,
                                         lse.data_ptr<acc_t>(), g.data_ptr<acc_t>(), dqhat_pass, dn);
       } else {
-        shared_backward<acc_t>(q, negatives, normalize, scale, lse.data_ptr<acc_t>(), g.data_ptr<acc_t>(),
+        const at::Tensor qlow =
+            half_products(negatives.scalar_type()) ? q.xhat.to(negatives.scalar_type()) : at::Tensor();
+        shared_backward<acc_t>(q, qlow, negatives, normalize, scale, lse.data_ptr<acc_t>(), g.data_ptr<acc_t>(),
                                dqhat_pass, dn);
       }
     });

@@ -25,6 +25,8 @@ STUDENT_CHOICES = STUDENT_METHODS.keys()
 TEACHER_METHOD_CHOICES = TEACHER_METHODS.keys()
 BANK_CHOICES = ("memory", "queue", "batch")  # = gacd_fast.loss.BANKS, repeated so that parsing options imports no torch
 TEACHER_HEAD_CHOICES = ("frozen", "train")  # = gacd_fast.loss.TEACHER_HEADS (tests/test_banks.py checks both)
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # = gacd_fast._precision.PRECISIONS (tests/test_precision_pipeline.py checks)
+BANK_DTYPE_CHOICES = ("fp32", "bf16")  # = gacd_fast.loss.BANK_DTYPES' keys
 
 T = TypeVar("T")
 
@@ -142,7 +144,18 @@ class OptimConfig:
 
 
 @dataclass
-class TeacherConfig(RunConfig, OptimConfig):
+class SpeedConfig:
+    """Precision and speed fields (training subcommands). They change the numbers a run ends with,
+    so a --resume must keep them."""
+
+    precision: str = opt("fp32", "training precision: fp32 | bf16 | fp16: the model's forward and backward in training and in the training attack, and the teacher's clean forward, under torch.autocast (fp16 with a gradient scaler); bf16/fp16 pay only where the hardware has them (a GPU, a CPU with AVX512-BF16/AMX), elsewhere they run emulated and slower", choices=PRECISION_CHOICES)
+    eval_precision: str = opt("fp32", "precision of the evaluation (test accuracy, attacks, probes): keep fp32 so robust accuracies stay comparable", choices=PRECISION_CHOICES)
+    channels_last: bool = opt(False, "models and image batches in channels_last memory format")
+    compile: bool = opt(False, "torch.compile the trained model (measured slower on a 2-core CPU: see docs/mixed_precision.md)")
+
+
+@dataclass
+class TeacherConfig(RunConfig, OptimConfig, SpeedConfig):
     """train-teacher: adversarially train the teacher."""
 
     out_dir: str = opt("runs/teacher", "output folder (teacher.pt, config, log)", flag="--out", aliases=("--out-dir",))
@@ -152,7 +165,7 @@ class TeacherConfig(RunConfig, OptimConfig):
 
 
 @dataclass
-class DistillConfig(RunConfig, OptimConfig):
+class DistillConfig(RunConfig, OptimConfig, SpeedConfig):
     """distill: train a student with or without the frozen teacher."""
 
     out_dir: str = opt("runs/distill", "output folder (<name>.pt, config, log)", flag="--out", aliases=("--out-dir",))
@@ -176,6 +189,7 @@ class DistillConfig(RunConfig, OptimConfig):
     ce_weight: float = opt(1.0, "weight of the student's cross-entropy term in GACD")
     ce_input: str = opt("adv", "GACD's CE term on the adversarial (adv) or clean (clean) input", choices=("adv", "clean"))
     attack_objective: str = opt("ce", "GACD training attack: ce (student CE, ARD style) | guided (GACD's own: maximise the GACD loss of the student against the teacher's clean anchors, no labels)", choices=("ce", "guided"))
+    bank_dtype: str = opt("fp32", "dtype of the GACD bank's stored rows: fp32 | bf16 (half the memory; accuracy cost in docs/mixed_precision.md)", choices=BANK_DTYPE_CHOICES)
 
 
 @dataclass
@@ -197,10 +211,12 @@ class EvaluateConfig(RunConfig):
     feature_probe: bool = opt(True, "train a linear probe on each model's frozen features of the same task and report its clean and PGD accuracy (probe_clean, probe_pgd20): how the feature-only students (gacd_feature) are judged")
     feature_probe_eps: float | None = opt(None, "L-inf radius of the PGD attack on the same-task probe (default: digits 0.15, mnist5k 0.2, CIFAR 8/255)")
     autoattack: int = opt(0, "also run AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; torchattacks) at --eps on this many test images (0: off)")
+    eval_precision: str = opt("fp32", "precision of the evaluation (attacks, probes) under torch.autocast: keep fp32 so robust accuracies stay comparable", choices=PRECISION_CHOICES)
+    channels_last: bool = opt(False, "models and image batches in channels_last memory format")
 
 
 @dataclass
-class DemoConfig(RunConfig):
+class DemoConfig(RunConfig, SpeedConfig):
     """demo: the whole recipe (teacher, every student, evaluation) in a few minutes of CPU on the digits."""
 
     out_dir: str = opt("runs/demo", "output folder", flag="--out", aliases=("--out-dir",))
@@ -221,6 +237,7 @@ class DemoConfig(RunConfig):
     probe_epochs: int = opt(60, "epochs of the transfer linear probe")
     eps_sweep: int = opt(5, "points of the robust-accuracy-vs-eps plot (PGD-20 at eps 0 .. 1.5 x eps; 0: none)")
     autoattack: int = opt(0, "also run AutoAttack (standard version) on this many test images (0: off; measured: the demo teacher on 100 digits, with FGSM/PGD-20/CW on all 360, evaluated in 15 s on 2 CPU cores)")
+    bank_dtype: str = opt("fp32", "dtype of the GACD bank's stored rows: fp32 | bf16", choices=BANK_DTYPE_CHOICES)
 
 
 @dataclass

@@ -233,7 +233,7 @@ class GACD(Distill):
         criterion = GACDLoss(
             inputs.student_dim, teacher.feature_dim, inputs.num_data, embed_dim=cfg.embed_dim,
             num_negatives=cfg.num_negatives, temperature=cfg.nce_temperature, momentum=cfg.nce_momentum,
-            bank=cfg.bank, teacher_head=cfg.teacher_head, weighting=cfg.weighting,
+            bank=cfg.bank, teacher_head=cfg.teacher_head, weighting=cfg.weighting, bank_dtype=cfg.bank_dtype,
         )
         return cls(teacher, criterion, inputs.attack, ce_weight=cfg.ce_weight, gacd_weight=cfg.gacd_weight,
                    ce_input=cfg.ce_input, attack_objective=cfg.attack_objective, prefill=cfg.prefill_bank)

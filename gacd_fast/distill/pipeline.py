@@ -38,8 +38,9 @@ from . import parallel, runs
 from .models import build_model
 from .report import format_table, write_results
 from .study import format_summary, noise_report, summarize, write_study
-from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, check_resumable, fit, load_checkpoint, pick_device,
-                    save_checkpoint)
+from .. import _precision
+from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, Speed, check_resumable, fit, load_checkpoint,
+                    pick_device, save_checkpoint)
 
 
 def _locked(command: str):
@@ -162,7 +163,7 @@ def train_teacher(cfg: TeacherConfig, log: Logger | None = None, *, callbacks: S
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
                   augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag="teacher",
                   progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=to_dict(cfg),
-                  deterministic=cfg.deterministic, callbacks=callbacks)
+                  deterministic=cfg.deterministic, callbacks=callbacks, speed=Speed.of(cfg))
     _finish(path, state_path, model, log, "teacher", arch=cfg.model, num_classes=data.train.num_classes,
             in_channels=c, role="teacher", method=cfg.method, config=to_dict(cfg), history=history)
     return path
@@ -191,6 +192,7 @@ def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequenc
     teacher = teacher_meta = None
     if needs_teacher:
         teacher, teacher_meta = load_checkpoint(cfg.teacher, device)
+        Speed.of(cfg).model(teacher)
     data = _data(cfg)
     c, _, _ = data.train.image_shape
     runs.check_teacher_fits(cfg.teacher, teacher_meta, cfg.dataset, data.train.num_classes, c)
@@ -202,7 +204,7 @@ def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequenc
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
                   augment=data.augment, device=device, seed=cfg.seed, test=data.test, log=log, tag=name,
                   progress=cfg.progress, state_path=state_path, resume=cfg.resume, config=run_config,
-                  deterministic=cfg.deterministic, callbacks=callbacks)
+                  deterministic=cfg.deterministic, callbacks=callbacks, speed=Speed.of(cfg))
     _finish(path, state_path, model, log, name, arch=cfg.student, num_classes=data.train.num_classes, in_channels=c,
             role="student", method=cfg.method, config=run_config, history=history)
     return path
@@ -240,25 +242,34 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
         models[key], metas[key] = load_checkpoint(path, device)
         runs.check_teacher_fits(path, metas[key], cfg.dataset, data.test.num_classes, c, option="--checkpoints",
                                 same_dataset=False)
+    speed = Speed.of(cfg)
+    speed.check(device)
+    for m in models.values():
+        speed.model(m)
     transfer = load_transfer(cfg.transfer, transfer_dir, seed=split_seed(cfg))
     log(f"[eval] {len(models)} model(s) on {cfg.dataset} test ({len(data.test)}), eps {cfg.eps:.4g}, "
         f"PGD-{cfg.pgd_steps}/CW-{cfg.cw_steps} step {cfg.alpha:.4g}, "
         + (f"same-task probe PGD eps {cfg.feature_probe_eps:.4g}, " if cfg.feature_probe else "")
         + f"transfer {cfg.transfer} (probe PGD eps {cfg.probe_eps:.4g})")
     batch_size = max(cfg.batch_size, 256)
-    rows = evaluate_models(models, data.test, teacher=teacher, eps=cfg.eps, alpha=cfg.alpha, pgd_steps=cfg.pgd_steps,
+    with _precision.autocast(cfg.eval_precision, device):  # every attack and probe inherits the region
+        rows = evaluate_models(models, data.test, teacher=teacher, eps=cfg.eps, alpha=cfg.alpha, pgd_steps=cfg.pgd_steps,
                            cw_steps=cfg.cw_steps, transfer=transfer, probe_epochs=cfg.probe_epochs, probe_eps=cfg.probe_eps,
                            probe_train=data.train if cfg.feature_probe else None, feature_probe_eps=cfg.feature_probe_eps,
                            autoattack=cfg.autoattack,
                            batch_size=batch_size, device=device, seed=cfg.seed, log=log, progress=cfg.progress)
     for row in rows:
         row["seconds"] = metas[row["model"]].get("seconds")
+        # how the model was trained (checkpoints from before precision= were fp32) and evaluated
+        row["precision"] = (metas[row["model"]].get("config") or {}).get("precision", "fp32")
+        row["eval_precision"] = cfg.eval_precision
     sweep = None
     if cfg.eps_sweep:
         grid = eps_grid(cfg.eps, cfg.eps_sweep)
         t0 = time.time()
-        acc = eps_sweep(models, data.test, grid, steps=cfg.pgd_steps, batch_size=batch_size, device=device,
-                        seed=cfg.seed, progress=cfg.progress)
+        with _precision.autocast(cfg.eval_precision, device):
+            acc = eps_sweep(models, data.test, grid, steps=cfg.pgd_steps, batch_size=batch_size, device=device,
+                            seed=cfg.seed, progress=cfg.progress)
         sweep = {"eps": grid, "attack": f"pgd{cfg.pgd_steps}", "train_eps": cfg.eps, "accuracy": acc}
         log(f"[eval] PGD-{cfg.pgd_steps} accuracy at eps {', '.join(f'{e:.3g}' for e in grid)} ({time.time() - t0:.1f}s):")
         for name, accs in acc.items():
@@ -304,7 +315,8 @@ def recipe(cfg: DemoConfig, log: Logger, title: str, callbacks: Sequence[EpochEn
                   device=cfg.device,
                   batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
-                  eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
+                  eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr, precision=cfg.precision,
+                  eval_precision=cfg.eval_precision, channels_last=cfg.channels_last, compile=cfg.compile)
     teacher_path = cfg.teacher or train_teacher(TeacherConfig(**common, method=cfg.teacher_method,
                                                               epochs=cfg.teacher_epochs), log,
                                                 callbacks=callbacks)
@@ -313,9 +325,10 @@ def recipe(cfg: DemoConfig, log: Logger, title: str, callbacks: Sequence[EpochEn
         paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=method, name=name, bank=bank,
                                            teacher_head=cfg.teacher_head, prefill_bank=cfg.prefill_bank,
                                            epochs=cfg.student_epochs, gacd_weight=cfg.gacd_weight,
-                                           ce_input=cfg.ce_input, attack_objective=cfg.attack_objective), log,
+                                           ce_input=cfg.ce_input, attack_objective=cfg.attack_objective,
+                                           bank_dtype=cfg.bank_dtype), log,
                              callbacks=callbacks))
-    ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")},
+    ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr", "precision", "compile")},
                           teacher=teacher_path, checkpoints=paths, probe_epochs=cfg.probe_epochs,
                           eps_sweep=cfg.eps_sweep, autoattack=cfg.autoattack)
     parallel.shutdown()  # training is over: rank 0 evaluates alone, the other ranks are done

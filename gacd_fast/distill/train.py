@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import _precision
 from . import parallel
 from .atomic import atomic_torch_save
 from .data import ImageDataset, iterate
@@ -139,6 +140,41 @@ def check_resumable(path: str, saved: dict[str, Any] | None, current: dict[str, 
                        "run without --resume to start over, or with the same options")
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How a run computes (not what): the autocast precision of training (the method's step: the
+    model's forward and backward, the training attack's, the teacher's clean forward) and of the
+    test accuracy, channels_last memory format, torch.compile of the trained model."""
+
+    precision: str = "fp32"
+    eval_precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def of(cls, cfg: Any) -> Speed:
+        """The speed fields of a config (those it has; the rest at their defaults)."""
+        return cls(**{f: getattr(cfg, f) for f in ("precision", "eval_precision", "channels_last", "compile")
+                      if hasattr(cfg, f)})
+
+    def check(self, device: torch.device) -> None:
+        """ValueError naming the option when ``device`` cannot run a precision (a configuration
+        error: the CLI reports it in one line); a warning when it runs it emulated."""
+        for option, precision in (("--precision", self.precision), ("--eval-precision", self.eval_precision)):
+            try:
+                _precision.check_device(_precision.check_precision(option, precision), device, option, stacklevel=3)
+            except RuntimeError as e:
+                raise ValueError(str(e)) from None
+
+    def model(self, model: nn.Module) -> nn.Module:
+        """``model`` in the run's memory format (in place, returned)."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch [B, C, H, W] in the run's memory format."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, data: ImageDataset, device: torch.device, batch_size: int = 256) -> float:
     """Test accuracy; under torch.distributed each rank scores every world_size-th sample and the
@@ -203,10 +239,15 @@ class _Training:
 
     def __init__(self, model: nn.Module, method: Method, *, epochs: int, lr: float, momentum: float,
                  weight_decay: float, lr_milestones: Sequence[float], device: torch.device, seed: int, tag: str,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], speed: Speed = Speed()) -> None:
         self.ctx = parallel.current()
         self.model, self.method, self.device, self.epochs, self.tag, self.log = model, method, device, epochs, tag, log
-        model.to(device)
+        self.speed = speed
+        speed.model(model.to(device))
+        # the method steps through the compiled module (same parameters); state is saved from ``model``
+        self.step_model = torch.compile(model) if speed.compile else model
+        # fp16: a dynamic loss scale against gradient underflow (bf16 has float32's range and needs none)
+        self.scaler = torch.amp.GradScaler(device.type) if speed.precision == "fp16" else None
         method.to(device)
         if self.ctx.enabled:  # identical start everywhere (they already are, with the same seed; made sure)
             parallel.broadcast_module(model)
@@ -224,7 +265,8 @@ class _Training:
         the first epoch to train."""
         if self.ctx.rank > 0:
             torch.manual_seed(seed + RANK_SEED_STRIDE * self.ctx.rank)
-        self.method.prepare(train, self.device)
+        with _precision.autocast(self.speed.precision, self.device):  # e.g. the bank from the teacher as in the steps
+            self.method.prepare(train, self.device)
         return 1
 
     def resume(self, path: str, config: dict[str, Any] | None, seed: int) -> int:
@@ -241,6 +283,8 @@ class _Training:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.order.set_state(state["loader_generator"])
+            if self.scaler is not None and "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunError(f"--resume: {path} does not fit this run ({first[:200]}); {hint}") from None
@@ -273,7 +317,8 @@ class _Training:
                       total=n_batches, desc=f"{self.tag} epoch {epoch}/{self.epochs}", unit="batch", leave=False,
                       progress=progress)
         for b, (x, y, idx) in enumerate(batches, 1):
-            out = self.method.step(self.model, x, y, idx)
+            with _precision.autocast(self.speed.precision, self.device):
+                out = self.method.step(self.step_model, self.speed.images(x), y, idx)
             self.sgd_step(out.loss)
             totals.add(out, y)
             if not math.isfinite(totals.last_loss):
@@ -293,10 +338,14 @@ class _Training:
         """Backward, gradients averaged over the ranks, the optimizer's step, then rank 0's model
         buffers everywhere (BatchNorm statistics, as DDP's broadcast_buffers)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.ctx.enabled:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.ctx.enabled:  # scaled gradients average like the true ones (the scale is the same everywhere)
             parallel.average_gradients(self.params)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # unscales, skips the step on inf/NaN gradients, adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.ctx.enabled:
             parallel.broadcast_buffers(self.model)
 
@@ -307,7 +356,8 @@ class _Training:
                "lr": self.optimizer.param_groups[0]["lr"]}
         row.update({f"{k}_loss": totals.mean(v) for k, v in totals.parts.items()})
         if test is not None:
-            row["test_acc"] = clean_accuracy(self.model, test, self.device)
+            with _precision.autocast(self.speed.eval_precision, self.device):
+                row["test_acc"] = clean_accuracy(self.model, test, self.device)
         row["time_s"] = time.time() - t0
         self.history.append(row)
         test_txt = f" test-clean {row['test_acc']:.4f}" if test is not None else ""
@@ -327,6 +377,7 @@ class _Training:
             "model": _cpu_state(self.model), "method": _cpu_state(self.method),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "loader_generator": self.order.get_state(), "rng": rngs[0],
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             **({"rng_ranks": rngs, "world_size": self.ctx.world_size} if self.ctx.enabled else {}),
             "history": self.history, "config": config,
         }, path)
@@ -355,6 +406,7 @@ def fit(
     config: dict[str, Any] | None = None,
     deterministic: bool = True,
     callbacks: Sequence[EpochEndCallback] = (),
+    speed: Speed = Speed(),
 ) -> list[dict[str, Any]]:
     """SGD over the model's and the method's parameters, lr x0.1 at ``lr_milestones`` (fractions
     of ``epochs``); returns the history, one dict per epoch: loss, training accuracy (on the inputs
@@ -366,7 +418,8 @@ def fit(
     epoch, history, ``config``) is written there atomically. ``resume``: start from that file when
     it exists (its config must match ``config``), so that the run ends exactly as an uninterrupted one.
     ``callbacks``: each called as ``callback(tag, epoch)`` after every epoch, once its state file is
-    written (see :data:`EpochEndCallback`).
+    written (see :data:`EpochEndCallback`). ``speed``: precision, memory format and compilation
+    (:class:`Speed`; checked against ``device`` first).
 
     Under torch.distributed (see :mod:`.parallel`): ``batch_size`` is the global batch, each rank
     trains on its part; the parameters start from rank 0's, the gradients are averaged over the
@@ -377,8 +430,9 @@ def fit(
     for i, cb in enumerate(callbacks):
         if not callable(cb):
             raise TypeError(f"callbacks[{i}] must be callable as callback(tag, epoch), got {type(cb).__name__}")
+    speed.check(device)
     run = _Training(model, method, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                    lr_milestones=lr_milestones, device=device, seed=seed, tag=tag, log=log)
+                    lr_milestones=lr_milestones, device=device, seed=seed, tag=tag, log=log, speed=speed)
     if state_path and run.ctx.is_main:  # what a killed save of this state file left behind
         remove_stale_temporaries(os.path.dirname(os.path.abspath(state_path)), state_path)
     if resume and state_path and os.path.isfile(state_path):

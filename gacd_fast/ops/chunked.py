@@ -9,11 +9,18 @@ When the negatives need a gradient (in-batch keys) backward recomputes the chunk
 LSE instead. That lean path keeps no bank, so it cannot give second-order gradients: its backward
 refuses create_graph=True with a RuntimeError (the recompute path is twice differentiable).
 Infinite scores follow torch.logsumexp: a +inf score gives lse = +inf, never NaN from inf - inf.
+
+bfloat16/float16 inputs: where the device multiplies them natively (``_precision.fast_products``:
+a GPU, a CPU with AVX512-BF16/AMX; ``GACD_FAST_LOWP_PRODUCTS=1`` forces it, ``0`` forbids it) the
+score and gradient products run in the input dtype on the rows normalised in float32 and rounded
+back, and every sum (the running max and sum, dq, dn) accumulates in float32. Elsewhere the rows are
+upcast to float32 first, because emulated half products are far slower than float32 ones.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _precision
 from .._numerics import acc_dtype
 from .info_nce import SECOND_ORDER_ERROR
 from .norms import l2_normalize
@@ -30,25 +37,39 @@ def _chunk_len(batch: int, width: int, total: int, chunk: int | None) -> int:
 
 
 def _scores(q: torch.Tensor, n: torch.Tensor, idx: torch.Tensor | None, c0: int, c1: int, scale: float):
-    """Chunk [c0, c1) of the scaled scores [B, c] and the rows they use ([c, D] or [B, c, D])."""
+    """Chunk [c0, c1) of the scaled scores [B, c] (accumulation dtype) and the rows they use ([c, D]
+    or [B, c, D], in the inputs' dtype)."""
+    acc = acc_dtype(q.dtype)
     if idx is None:
         rows = n[c0:c1]
-        return (q @ rows.t()) * scale, rows
+        return (q @ rows.t()).to(acc) * scale, rows
     rows = n[idx[:, c0:c1]]
-    return torch.einsum("bd,bcd->bc", q, rows) * scale, rows
+    return torch.einsum("bd,bcd->bc", q, rows).to(acc) * scale, rows
+
+
+def _weighted_rows(w: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """sum_c w[b, c] rows[c] (shared) or rows[b, c] (indexed): [B, D] in w's (accumulation) dtype,
+    the product in the rows' dtype."""
+    w = w.to(rows.dtype)
+    out = w @ rows if idx is None else torch.einsum("bc,bcd->bd", w, rows)
+    return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 class _NegativeLSE(torch.autograd.Function):
-    """lse_i = log sum_k exp(scale * q_i . n_k) over row i's negatives; q, n in one float dtype."""
+    """lse_i = log sum_k exp(scale * q_i . n_k) over row i's negatives; q, n in the accumulation
+    dtype, their products in ``prod`` (q and n rounded to it), every sum and lse in the
+    accumulation dtype, as are the gradients."""
 
     @staticmethod
-    def forward(ctx, q, n, idx, scale, chunk, grad_in_forward):
+    def forward(ctx, q, n, idx, scale, chunk, grad_in_forward, prod):
         B, D = q.shape
+        acc_t = q.dtype
+        q, n = q.to(prod), n.to(prod)
         total = n.shape[0] if idx is None else idx.shape[1]
         step = _chunk_len(B, 1 if idx is None else D, total, chunk)
-        m = torch.full((B,), float("-inf"), dtype=q.dtype, device=q.device)
-        s_sum = torch.zeros(B, dtype=q.dtype, device=q.device)
-        acc = torch.zeros_like(q) if grad_in_forward else None
+        m = torch.full((B,), float("-inf"), dtype=acc_t, device=q.device)
+        s_sum = torch.zeros(B, dtype=acc_t, device=q.device)
+        acc = torch.zeros(B, D, dtype=acc_t, device=q.device) if grad_in_forward else None
         for c0 in range(0, total, step):
             s, rows = _scores(q, n, idx, c0, min(total, c0 + step), scale)
             m_new = torch.maximum(m, s.amax(1))
@@ -58,8 +79,7 @@ class _NegativeLSE(torch.autograd.Function):
             p = torch.exp(s - shift[:, None])
             s_sum = s_sum * alpha + p.sum(1)
             if acc is not None:
-                pn = p @ rows if idx is None else torch.einsum("bc,bcd->bd", p, rows)
-                acc = acc * alpha[:, None] + pn
+                acc = acc * alpha[:, None] + _weighted_rows(p, rows, idx)
             m = m_new
         lse = m + torch.log(s_sum)
         ctx.scale, ctx.chunk, ctx.step = scale, chunk, step
@@ -77,28 +97,28 @@ class _NegativeLSE(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph: d(dlse_dq)/dq needs the bank, not kept
                 raise RuntimeError(SECOND_ORDER_ERROR)
             (dlse_dq,) = ctx.saved_tensors
-            return g[:, None] * dlse_dq, None, None, None, None, None
+            return g[:, None] * dlse_dq, None, None, None, None, None, None
         q, n, idx, lse = ctx.saved_tensors
+        acc_t = lse.dtype
+        if torch.is_grad_enabled() and q.dtype != acc_t:  # q, n are rounded copies: no graph to the inputs
+            raise RuntimeError(SECOND_ORDER_ERROR)
         need_q, need_n = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = n.shape[0] if idx is None else idx.shape[1]
-        dq = torch.zeros_like(q) if need_q else None
-        dn = torch.zeros_like(n) if need_n else None
+        dq = torch.zeros(q.shape, dtype=acc_t, device=q.device) if need_q else None
+        dn = torch.zeros(n.shape, dtype=acc_t, device=n.device) if need_n else None
         for c0 in range(0, total, ctx.step):
             c1 = min(total, c0 + ctx.step)
             s, rows = _scores(q, n, idx, c0, c1, ctx.scale)
             p = torch.exp(s - lse[:, None]) * (g * ctx.scale)[:, None]  # dL/ds / tau-folded
-            if idx is None:
-                if need_q:
-                    dq += p @ rows
-                if need_n:
-                    dn[c0:c1] += p.t() @ q
-            else:
-                if need_q:
-                    dq += torch.einsum("bc,bcd->bd", p, rows)
-                if need_n:
-                    contrib = p[:, :, None] * q[:, None, :]
+            if need_q:
+                dq += _weighted_rows(p, rows, idx)
+            if need_n:
+                if idx is None:
+                    dn[c0:c1] += (p.t().to(q.dtype) @ q).to(acc_t)
+                else:
+                    contrib = p[:, :, None] * q[:, None, :].to(acc_t)
                     dn.index_add_(0, idx[:, c0:c1].reshape(-1), contrib.reshape(-1, q.shape[1]))
-        return dq, dn, None, None, None, None
+        return dq, dn, None, None, None, None, None
 
 
 def info_nce_rows(
@@ -121,6 +141,8 @@ def info_nce_rows(
         q, p, n = (l2_normalize(t) for t in (q, p, n))
     idx = None if neg_index is None else neg_index.long()
     grad_in_forward = torch.is_grad_enabled() and q.requires_grad and not n.requires_grad
-    lse_neg = _NegativeLSE.apply(q, n, idx, 1.0 / temperature, chunk, grad_in_forward)
+    # the products in the inputs' half dtype where the device multiplies it natively (module doc)
+    prod = query.dtype if _precision.fast_products(query.dtype, query.device) else acc
+    lse_neg = _NegativeLSE.apply(q, n, idx, 1.0 / temperature, chunk, grad_in_forward, prod)
     s_pos = (q * p).sum(-1) / temperature
     return torch.logaddexp(s_pos, lse_neg) - s_pos
