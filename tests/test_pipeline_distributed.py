@@ -19,7 +19,8 @@ from torch import nn
 from gacd_fast.distill import parallel, train
 from gacd_fast.distill.data import ImageDataset, iterate, load_digits_split
 from gacd_fast.distill.config import DistillConfig, resolve
-from gacd_fast.distill.methods import AttackSpec, MethodInputs, Natural, build_method
+from gacd_fast.distill.method_registry import build_method
+from gacd_fast.distill.methods import AttackSpec, MethodInputs, Natural
 from gacd_fast.distill.models import build_model
 
 from multiproc import free_port, run_rank
