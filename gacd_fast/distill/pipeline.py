@@ -32,12 +32,13 @@ from .config import (
 )
 from .data import DataBundle, load_dataset, load_transfer
 from .evaluate import eps_grid, eps_sweep, evaluate_models
-from .method_registry import STUDENT_METHODS
-from .methods import AttackSpec, MethodInputs, build_method
+from .external_teacher import OPTIONS as EXTERNAL_TEACHER_OPTIONS, build_external_teacher
+from .method_registry import STUDENT_METHODS, build_method
+from .methods import AttackSpec, MethodInputs
 from . import parallel
 from .models import build_model
 from .report import format_table, write_results
-from .study import format_summary, noise_report, summarize, write_study
+from .study import compare, format_comparisons, format_summary, noise_report, summarize, write_study
 from .train import EpochEndCallback, Logger, check_resumable, fit, load_checkpoint, pick_device, save_checkpoint
 
 
@@ -81,6 +82,12 @@ def _with_teacher_split(cfg: DemoConfig) -> DemoConfig:
     if "seed" not in meta:
         raise ValueError(f"{cfg.teacher} does not say which split it was trained on; pass --split-seed")
     return dataclasses.replace(cfg, split_seed=meta.get("split_seed") if meta.get("split_seed") is not None else meta["seed"])
+
+
+def _external_teacher(cfg: DistillConfig | EvaluateConfig, data: DataBundle, device: torch.device) -> torch.nn.Module:
+    """The --teacher-factory teacher, checked on the first training images of ``data``."""
+    example = data.train.batch(torch.arange(min(8, len(data.train))))
+    return build_external_teacher(cfg, example, data.train.num_classes, device)
 
 
 def _finished(path: str, cfg: Any, log: Logger, name: str) -> bool:
@@ -144,10 +151,14 @@ def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequenc
         return path
     teacher = None
     if STUDENT_METHODS[cfg.method].needs_teacher:
-        if not cfg.teacher:
-            raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher`")
-        teacher, _ = load_checkpoint(cfg.teacher, device)
+        if not (cfg.teacher or cfg.teacher_factory):
+            raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher` "
+                             "(or --teacher-factory module:function)")
+        if cfg.teacher:
+            teacher, _ = load_checkpoint(cfg.teacher, device)
     data = _data(cfg)
+    if teacher is None and cfg.teacher_factory and STUDENT_METHODS[cfg.method].needs_teacher:
+        teacher = _external_teacher(cfg, data, device)
     c, _, _ = data.train.image_shape
     model = build_model(cfg.student, data.train.num_classes, c)
     inputs = MethodInputs(_attack(cfg), teacher, getattr(model, "feature_dim", None), len(data.train))
@@ -177,14 +188,17 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
         cfg = dataclasses.replace(cfg, transfer="none")  # CIFAR: the STL-10 probe by default only when its files are given
     device, own_log = _setup(cfg, "evaluate_config", distributed=False)
     log = log or own_log
-    if not cfg.teacher and not cfg.checkpoints:
-        raise ValueError("nothing to evaluate: give --teacher and/or --checkpoints")
+    if not cfg.teacher and not cfg.teacher_factory and not cfg.checkpoints:
+        raise ValueError("nothing to evaluate: give --teacher (or --teacher-factory) and/or --checkpoints")
     data = _data(cfg)
     models: dict[str, torch.nn.Module] = {}
     metas: dict[str, dict[str, Any]] = {}
     teacher = None
     if cfg.teacher:
         teacher, metas["teacher"] = load_checkpoint(cfg.teacher, device)
+        models["teacher"] = teacher
+    elif cfg.teacher_factory:
+        teacher, metas["teacher"] = _external_teacher(cfg, data, device), {"teacher_factory": cfg.teacher_factory}
         models["teacher"] = teacher
     for path in cfg.checkpoints:
         key = os.path.splitext(os.path.basename(path))[0]
@@ -255,17 +269,17 @@ def recipe(cfg: DemoConfig, log: Logger, title: str, callbacks: Sequence[EpochEn
                   batch_size=cfg.batch_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit,
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
                   eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr)
-    teacher_path = cfg.teacher or train_teacher(TeacherConfig(**common, method=cfg.teacher_method,
-                                                              epochs=cfg.teacher_epochs), log,
-                                                callbacks=callbacks)
+    external = {o: getattr(cfg, o) for o in EXTERNAL_TEACHER_OPTIONS}  # --teacher-factory: no teacher to train
+    teacher_path = cfg.teacher or (None if cfg.teacher_factory else train_teacher(
+        TeacherConfig(**common, method=cfg.teacher_method, epochs=cfg.teacher_epochs), log, callbacks=callbacks))
     paths = []
     for name, method, bank in student_runs(cfg.methods, cfg.banks):
-        paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=method, name=name, bank=bank,
+        paths.append(distill(DistillConfig(**common, **external, teacher=teacher_path, method=method, name=name, bank=bank,
                                            teacher_head=cfg.teacher_head, prefill_bank=cfg.prefill_bank,
                                            epochs=cfg.student_epochs, gacd_weight=cfg.gacd_weight,
                                            ce_input=cfg.ce_input, attack_objective=cfg.attack_objective), log,
                              callbacks=callbacks))
-    ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")},
+    ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr")}, **external,
                           teacher=teacher_path, checkpoints=paths, probe_epochs=cfg.probe_epochs,
                           eps_sweep=cfg.eps_sweep, autoattack=cfg.autoattack)
     parallel.shutdown()  # training is over: rank 0 evaluates alone, the other ranks are done
@@ -304,7 +318,14 @@ def study(cfg: StudyConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> di
         log(f"[study] seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}) -> {run.out_dir}")
         per_seed[seed] = recipe(run, Logger(run.out_dir), title=f"{cfg.dataset} seed {seed}", callbacks=callbacks)
     summary = summarize(per_seed)
-    paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds")
+    runs = student_runs(cfg.methods, cfg.banks)  # GACD (the students with a bank) against every baseline
+    comparisons = compare(per_seed, [n for n, m, _ in runs if STUDENT_METHODS[m].uses_bank],
+                          ["teacher"] + [n for n, m, _ in runs if not STUDENT_METHODS[m].uses_bank],
+                          probe_only=tuple(n for n, m, _ in runs if STUDENT_METHODS[m].probe_only))
+    paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds",
+                        comparisons=comparisons)
     log(format_summary(summary, f"{cfg.dataset}: mean +- std over seeds {cfg.seeds}"))
+    log(format_comparisons(comparisons, "differences to each baseline, paired by seed: mean ± 95% half-width "
+                                        "(t, n-1 df); OUTSIDE = beyond the seed noise"))
     log(f"[study] wrote {', '.join(paths.values())}; total wall time {time.time() - t_start:.1f}s")
     return summary
