@@ -139,3 +139,13 @@ def test_ddp_two_gloo_ranks_average_one_process_gradient(tmp_path):
     loss.backward()
     for n, p in tap.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_sits_at_the_modules_layer():
+    """feature_tap.py imports torch only: never the pipeline (gacd_fast.distill) nor a backend."""
+    import ast
+    import gacd_fast.feature_tap as ft
+    tree = ast.parse(open(ft.__file__).read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names <= {"__future__", "difflib", "torch"}, names
