@@ -61,12 +61,21 @@ def test_student_runs_and_chance():
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
     out = str(tmp_path / "study")
-    assert main(["study", "--out", out, "--seeds", "0", "1", "--methods", "natural", "gacd_feature",
-                 "--banks", "memory", "queue", "--teacher-epochs", "1", "--student-epochs", "1", "--attack-steps", "1",
-                 "--train-limit", "80", "--test-limit", "24", "--probe-epochs", "1", "--no-progress"]) == 0
+    assert main(["study", "--out", out, "--seeds", "0", "1", "--methods", "natural", "rslad", "iad", "adaad",
+                 "gacd_guided", "gacd_feature", "--banks", "memory", "queue", "--teacher-epochs", "1",
+                 "--student-epochs", "1", "--attack-steps", "1", "--train-limit", "80", "--test-limit", "24",
+                 "--probe-epochs", "1", "--autoattack", "6", "--no-progress"]) == 0
     doc = json.load(open(os.path.join(out, "study.json")))
-    assert set(doc["summary"]) == {"teacher", "natural", "gacd_feature_memory", "gacd_feature_queue"}
+    assert set(doc["summary"]) == {"teacher", "natural", "rslad", "iad", "adaad", "gacd_guided_memory", "gacd_guided_queue",
+                                   "gacd_feature_memory", "gacd_feature_queue"}
     assert doc["summary"]["gacd_feature_queue"]["probe_pgd20"]["n"] == 2
+    assert doc["summary"]["adaad"]["autoattack"]["n"] == 2 and doc["runs"]["0"][0]["autoattack_n"] == 6
+    # every GACD student against every baseline, paired over the 2 seeds
+    pairs = {(c["model"], c["baseline"]) for c in doc["comparisons"]}
+    assert pairs == {(g, b) for g in ("gacd_guided_memory", "gacd_guided_queue", "gacd_feature_memory", "gacd_feature_queue")
+                     for b in ("teacher", "natural", "rslad", "iad", "adaad")}
+    assert all(c["n"] == 2 for c in doc["comparisons"]) and os.path.getsize(os.path.join(out, "comparisons.csv")) > 0
+    assert {c["metric"] for c in doc["comparisons"] if c["model"] == "gacd_feature_queue"} >= {"probe_pgd20", "cka"}
     for f in ("study.csv", "study.png", "seed0/results.json", "seed1/training_curves.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     # --teacher: every seed shares a trained teacher instead of training its own

@@ -166,7 +166,7 @@ class TeacherConfig(RunConfig, OptimConfig):
 
 
 @dataclass
-class DistillConfig(RunConfig, OptimConfig, ExternalTeacherConfig):
+class DistillConfig(ExternalTeacherConfig, RunConfig, OptimConfig):
     """distill: train a student with or without the frozen teacher."""
 
     out_dir: str = opt("runs/distill", "output folder (<name>.pt, config, log)", flag="--out", aliases=("--out-dir",))
@@ -200,7 +200,7 @@ class DistillConfig(RunConfig, OptimConfig, ExternalTeacherConfig):
 
 
 @dataclass
-class EvaluateConfig(RunConfig, ExternalTeacherConfig):
+class EvaluateConfig(ExternalTeacherConfig, RunConfig):
     """evaluate: clean/FGSM/PGD-20/CW accuracy, CKA to the teacher, transfer probe."""
 
     out_dir: str = opt("runs/eval", "output folder (results.csv/json/png, robust_vs_eps.png, training_curves.png, curves.json)", flag="--out", aliases=("--out-dir",))
@@ -221,7 +221,7 @@ class EvaluateConfig(RunConfig, ExternalTeacherConfig):
 
 
 @dataclass
-class DemoConfig(RunConfig, ExternalTeacherConfig):
+class DemoConfig(ExternalTeacherConfig, RunConfig):
     """demo: the whole recipe (teacher, every student, evaluation) in a few minutes of CPU on the digits."""
 
     out_dir: str = opt("runs/demo", "output folder", flag="--out", aliases=("--out-dir",))

@@ -219,8 +219,8 @@ class RSLAD(Distill):
     teacher's clean soft labels T(x) (temperature 1) as the target of both terms, adv_weight 5/6.
     The attack x' maximises sum_i KL(T(x_i) || S(x'_i)) (the distance to those labels, no hard
     label) by PGD against the student in eval mode. The published KL is the element-wise mean
-    over B x C (``kl_reduction="mean"``) of ``-log S * T + log(T + 1e-5) * T``: the 1e-5 shifts
-    the value by less than 1e-4 and not the gradient; here the exact KL. The published attack
+    over B x C (``kl_reduction="mean"``) of ``-log S * T + log(T + 1e-5) * T``: the 1e-5 moves
+    each element by at most 1e-5 and not the gradient; here the exact KL. The published attack
     starts at x + 0.001 N(0, 1); here at x (the KL to the teacher's labels is not flat there).
     """
 
