@@ -96,7 +96,7 @@ def test_kernels_import_nothing_above_them():
         assert not above, f"{path.name} imports {sorted(above)}"
 
 
-@pytest.mark.parametrize("module", ["loss", "memory", "attacks", "weighting", "functional"])
+@pytest.mark.parametrize("module", ["loss", "memory", "attacks", "weighting", "functional", "feature_tap"])
 def test_modules_reach_ops_only_through_the_registry(module):
     imported = _imported_modules(ROOT / "gacd_fast" / f"{module}.py", "gacd_fast")
     backends = {m for m in imported if m.endswith("_backend") or m.startswith("gacd_fast.kernels")}

@@ -119,7 +119,8 @@ def test_subprocess_exit_codes(tmp_path):
     assert r.returncode == 1 and "cifar-100-python" in r.stderr
 
 
-METHOD_KEYS = {"clean", "fgsm", "pgd20", "cw", "cka", "seconds", "probe_clean", "probe_pgd20", "transfer_clean", "transfer_pgd20"}
+METHOD_KEYS = {"clean", "fgsm", "pgd20", "cw", "cka", "knn_agree", "seconds", "probe_clean", "probe_pgd20", "transfer_clean",
+               "transfer_pgd20", "transfer_cka"}
 
 
 def check_results_schema(doc, methods):
@@ -131,9 +132,10 @@ def check_results_schema(doc, methods):
     assert list(doc["methods"]) == list(methods)
     for name, m in doc["methods"].items():
         assert set(m) == METHOD_KEYS, name
-        for k in METHOD_KEYS - {"cka", "seconds"}:
+        for k in METHOD_KEYS - {"cka", "transfer_cka", "seconds"}:
             assert isinstance(m[k], float) and 0.0 <= m[k] <= 1.0, (name, k)
-        assert isinstance(m["cka"], float) and -1e-9 <= m["cka"] <= 1 + 1e-9
+        for k in ("cka", "transfer_cka"):
+            assert isinstance(m[k], float) and -1e-9 <= m[k] <= 1 + 1e-9, (name, k)
         assert isinstance(m["seconds"], float) and m["seconds"] > 0
 
 

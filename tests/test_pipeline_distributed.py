@@ -19,7 +19,8 @@ from torch import nn
 from gacd_fast.distill import parallel, train
 from gacd_fast.distill.data import ImageDataset, iterate, load_digits_split
 from gacd_fast.distill.config import DistillConfig, resolve
-from gacd_fast.distill.methods import AttackSpec, MethodInputs, Natural, build_method
+from gacd_fast.distill.method_registry import build_method
+from gacd_fast.distill.methods import AttackSpec, MethodInputs, Natural
 from gacd_fast.distill.models import build_model
 
 from multiproc import free_port, run_rank
@@ -90,11 +91,14 @@ def natural_weights() -> dict:
     return model.state_dict()
 
 
-def gacd_run(state_path: str, *, stop_after: int | None = None, resume: bool = False):
+def gacd_run(state_path: str, *, stop_after: int | None = None, resume: bool = False, method_name: str = "gacd"):
     torch.manual_seed(0)
     teacher = build_model("small_cnn_teacher", 10, 1).eval()
     student = build_model("small_cnn_student", 10, 1)
-    method = build_method("student", "gacd", resolve(DistillConfig(embed_dim=8, num_negatives=16)),
+    # iad_begin 0.5: IAD's introspection starts in epoch 2, after the interruption
+    cfg = resolve(DistillConfig(embed_dim=8, num_negatives=16, epochs=FIT["epochs"], batch_size=FIT["batch_size"],
+                                iad_begin=0.5))
+    method = build_method("student", method_name, cfg,
                           MethodInputs(AttackSpec(0.2, 0.05, 2), teacher, student.feature_dim, 64))
 
     def stop(tag, epoch):
@@ -115,21 +119,25 @@ def _worker_body(rank: int, port: int, out: str) -> None:
     nat = natural_weights()
     if rank == 0:
         torch.save(nat, os.path.join(out, "natural.pt"))
-    # GACD (BatchNorm, PGD random starts, memory negatives: per-rank RNG) uninterrupted vs interrupted + --resume
-    full = gacd_run(os.path.join(out, "full.state.pt"))
-    dist.barrier()
-    assert gacd_run(os.path.join(out, "res.state.pt"), stop_after=1) is None
-    dist.barrier()
-    state = torch.load(os.path.join(out, "res.state.pt"), weights_only=True)
-    assert state["epoch"] == 1 and state["world_size"] == WORLD and len(state["rng_ranks"]) == WORLD
-    resumed = gacd_run(os.path.join(out, "res.state.pt"), resume=True)
-    for a, b in zip(full, resumed):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not exact"
-    # the ranks hold the same student and the same GACD memory
-    everyone = parallel.all_gather_object(full)
-    for a, b in zip(everyone[0], everyone[1]):
-        assert all(torch.equal(a[k], b[k]) for k in a), "ranks differ"
-    dist.barrier()
+    # GACD (BatchNorm, PGD random starts, memory negatives: per-rank RNG), IAD (a step counter) and
+    # AdaAD (the attack through student and teacher): uninterrupted vs interrupted + --resume
+    for name in ("gacd", "iad", "adaad"):
+        full = gacd_run(os.path.join(out, f"{name}_full.state.pt"), method_name=name)
+        dist.barrier()
+        assert gacd_run(os.path.join(out, f"{name}_res.state.pt"), stop_after=1, method_name=name) is None
+        dist.barrier()
+        state = torch.load(os.path.join(out, f"{name}_res.state.pt"), weights_only=True)
+        assert state["epoch"] == 1 and state["world_size"] == WORLD and len(state["rng_ranks"]) == WORLD
+        resumed = gacd_run(os.path.join(out, f"{name}_res.state.pt"), resume=True, method_name=name)
+        for a, b in zip(full, resumed):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: resume is not exact"
+        # the ranks hold the same student and the same method state (GACD's memory, IAD's step count)
+        everyone = parallel.all_gather_object(full)
+        for a, b in zip(everyone[0], everyone[1]):
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: ranks differ"
+        if name == "iad":
+            assert int(full[1]["steps_done"]) == 2 * 4  # 2 epochs of ceil(64 / 16) global batches on every rank
+        dist.barrier()
 
 
 def worker(rank: int, port: int, out: str) -> None:

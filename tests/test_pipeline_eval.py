@@ -19,9 +19,10 @@ from gacd_fast.distill.config import (
     resolve,
     save_config,
 )
-from gacd_fast.distill.data import ImageDataset
+from gacd_fast.distill.data import ImageDataset, load_digits_split, load_mnist5k_split, load_transfer
 from gacd_fast.distill.evaluate import cw_margin, eps_grid, eps_sweep, evaluate_models, linear_probe, robust_accuracy
 from gacd_fast.distill.report import format_table, write_results
+from gacd_fast.distill.structure import knn_agreement
 
 
 class Constant(nn.Module):
@@ -135,7 +136,8 @@ def test_config_errors_and_resolve(tmp_path):
     assert (cifar.embed_dim, cifar.nce_temperature, cifar.nce_momentum, cifar.ard_temperature) == (128, 0.07, 0.5, 30.0)
     assert resolve(TeacherConfig(dataset="cifar10")).model == "wrn_34_10"
     d = resolve(EvaluateConfig(eps=0.3))
-    assert d.alpha == pytest.approx(0.075) and d.transfer == "digits-transposed"
+    assert d.alpha == pytest.approx(0.075) and d.transfer == "mnist5k-8"
+    assert resolve(EvaluateConfig(dataset="mnist5k")).transfer == "digits-28"
     with pytest.raises(ConfigError, match="'dataset': unknown value 'mnist'"):
         resolve(TeacherConfig(dataset="mnist"))
 
@@ -200,3 +202,36 @@ def test_autoattack_accuracy_on_a_tiny_model():
     assert n == 6 and 0.0 <= acc <= 1.0
     clean = float((model(te.subset(6, 0).batch(torch.arange(6)))[1].argmax(1) == te.subset(6, 0).labels).float().mean())
     assert acc <= clean  # an attack never helps
+
+
+def test_knn_agreement():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    assert knn_agreement(x, x) == 1.0 and knn_agreement(x, 2.5 * x @ q) == 1.0  # cosine: rotation, scale
+    # by hand: nearest neighbours (cosine) in a: 0-1, 2-3; in b: 0-2, 1-3; in c: 0-1, 2-3 again
+    a = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    c = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.2, 0.0], [0.0, 0.0, 1.0], [0.0, 0.3, 1.0]])
+    assert knn_agreement(a, b, k=1) == 0.0 and knn_agreement(a, c, k=1) == 1.0
+    # k=2, rows 0..3: a {1,3} {0,3} {3,1} {2,1}; b {2,3} {3,2} {0,3} {1,2}: 1 + 1 + 1 + 2 shared of 8
+    assert knn_agreement(a, b, k=2) == pytest.approx(5 / 8)
+    unrelated = knn_agreement(x, torch.randn(40, 6, generator=g, dtype=torch.float64), k=5)
+    assert unrelated < 0.4
+    assert math.isnan(knn_agreement(torch.full((5, 2), float("nan")), x[:5], k=2))
+    with pytest.raises(ValueError, match="1 <= k < N"):
+        knn_agreement(x[:5], x[:5], k=5)
+    with pytest.raises(ValueError, match="same N"):
+        knn_agreement(x, x[:5])
+
+
+def test_real_cross_task_transfer_sets():
+    """digits-28: scikit-learn's digits at 28x28; mnist5k-8: MNIST-5k at 8x8; floats in [0, 1], labels kept."""
+    tr, te = load_transfer("digits-28", None)
+    d_tr, d_te = load_digits_split()
+    assert tr.image_shape == (1, 28, 28) and len(tr) == len(d_tr) and torch.equal(tr.labels, d_tr.labels)
+    assert float(tr.images.min()) >= 0 and float(tr.images.max()) <= 1 and len(te) == len(d_te)
+    # area down-sampling averages pixels: an 8x8 mean equals the 28x28 mean up to the border weights
+    tr8, te8 = load_transfer("mnist5k-8", None)
+    assert tr8.image_shape == (1, 8, 8) and len(tr8) == 4000 and len(te8) == 1000
+    assert abs(float(tr8.images.mean()) - float(load_mnist5k_split()[0].batch(torch.arange(4000)).mean())) < 0.01

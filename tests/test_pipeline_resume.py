@@ -109,3 +109,29 @@ def test_callbacks_must_be_callable():
     with pytest.raises(TypeError, match=r"callbacks\[1\] must be callable as callback\(tag, epoch\), got str"):
         fit(torch.nn.Linear(1, 1), Natural(), None, epochs=1, batch_size=1, lr=0.1, device=torch.device("cpu"),
             callbacks=[print, "stop"])
+
+
+@pytest.mark.slow
+def test_resume_the_newer_baselines(tmp_path):
+    """distill --resume of RSLAD, IAD (its step count crosses the interruption: the introspection
+    starts in epoch 2) and AdaAD ends with the weights and history of an uninterrupted run."""
+    teacher = str(tmp_path / "t")
+    data = ["--train-limit", "96", "--test-limit", "24", "--attack-steps", "1", "--no-progress"]
+    assert main(["train-teacher", "--out", teacher, "--epochs", "1", *data]) == 0
+    common = ["--teacher", os.path.join(teacher, "teacher.pt"), "--epochs", "3", "--iad-begin", "0.34", *data]
+
+    def stop(tag, ep):
+        if ep == 1:
+            raise Interrupt
+    for method in ("rslad", "iad", "adaad"):
+        ref, res = str(tmp_path / f"{method}_ref"), str(tmp_path / f"{method}_res")
+        assert main(["distill", "--method", method, "--out", ref, *common]) == 0
+        with pytest.raises(Interrupt):
+            main(["distill", "--method", method, "--out", res, *common], callbacks=[stop])
+        assert main(["distill", "--method", method, "--out", res, "--resume", *common]) == 0
+        a, b = (torch.load(os.path.join(d, f"{method}.pt"), weights_only=True) for d in (ref, res))
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), method
+        strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]  # noqa: E731
+        assert strip(a["history"]) == strip(b["history"]), method
+        if method == "iad":
+            assert "introspection_loss" not in a["history"][0] and "introspection_loss" in a["history"][1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "stl10")
-TRANSFER_TASKS = ("none", "digits-transposed", "stl10")
+TRANSFER_TASKS = ("none", "digits-transposed", "digits-28", "mnist5k-8", "stl10")
 
 CIFAR_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html ('CIFAR-10 python version' / 'CIFAR-100 python version')"
 STL_SOURCE = "https://cs.stanford.edu/~acoates/stl10/ ('Binary files', stl10_binary.tar.gz)"
@@ -190,6 +190,17 @@ def transpose_images(ds: ImageDataset, name: str) -> ImageDataset:
     return ImageDataset(ds.images.transpose(2, 3).contiguous(), ds.labels, ds.num_classes, name)
 
 
+def resize_images(ds: ImageDataset, size: int, name: str) -> ImageDataset:
+    """The images resized to size x size as float32 in [0, 1]: bilinear up, area (pixel average)
+    down; labels kept. The real cross-task transfers: digits at MNIST's 28x28, MNIST at digits' 8x8."""
+    x = ds.batch(torch.arange(len(ds)))
+    if size > x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    else:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return ImageDataset(x.clamp_(0, 1).contiguous(), ds.labels, ds.num_classes, name)
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR (python pickle batches)
 
@@ -348,12 +359,20 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0) -> Da
 
 def load_transfer(task: str, data_dir: str | None, *, seed: int = 0) -> tuple[ImageDataset, ImageDataset] | None:
     """The second task of the transfer probe: 'digits-transposed' (digits mirrored along the
-    diagonal, a new input domain with the same labels), 'stl10' (resized to 32x32), or 'none'."""
+    diagonal, a new input domain with the same labels), 'digits-28' (scikit-learn's digits
+    upsampled to 28x28: a real second data set for an MNIST-5k model), 'mnist5k-8' (MNIST-5k
+    downsampled to 8x8: the same for a digits model), 'stl10' (resized to 32x32), or 'none'."""
     if task == "none":
         return None
     if task == "digits-transposed":
         tr, te = load_digits_split(seed=seed)
         return transpose_images(tr, "digits-T-train"), transpose_images(te, "digits-T-test")
+    if task == "digits-28":
+        tr, te = load_digits_split(seed=seed)
+        return resize_images(tr, 28, "digits28-train"), resize_images(te, 28, "digits28-test")
+    if task == "mnist5k-8":
+        tr, te = load_mnist5k_split(seed=seed)
+        return resize_images(tr, 8, "mnist5k8-train"), resize_images(te, 8, "mnist5k8-test")
     if task == "stl10":
         if not data_dir:
             raise DatasetFileError("the stl10 transfer task needs --transfer-data-dir (or --data-dir) with stl10_binary/")

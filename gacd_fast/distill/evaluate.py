@@ -1,6 +1,7 @@
-"""Evaluation: clean / FGSM / PGD-20 / CW-inf (and optionally AutoAttack) accuracy, CKA to the
-teacher, a linear probe on the frozen features (same task: the feature-only transfer), and a
-transfer probe (a second task)."""
+"""Evaluation: clean / FGSM / PGD-20 / CW-inf (and optionally AutoAttack) accuracy, the structure
+of the features against the teacher's (linear CKA, 10-NN agreement), a linear probe on the frozen
+features (same task: the feature-only transfer), and a transfer probe (a second task, with the
+CKA of its features to the teacher's there)."""
 from __future__ import annotations
 
 import time
@@ -14,6 +15,7 @@ from .. import FGSM, PGD
 from ..attacks import logits_of
 from .cka import linear_cka
 from .data import ImageDataset, iterate
+from .structure import KNN_K, knn_agreement
 from .train import bar
 
 
@@ -197,11 +199,16 @@ def evaluate_models(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One result row per model: accuracies (clean, fgsm, pgd, cw; "autoattack" on ``autoattack``
-    test images when > 0), CKA to the teacher's test features (None without a teacher), the
-    same-task linear probe's clean/PGD accuracy on the frozen features ("probe_*", when
-    ``probe_train`` is given; PGD at ``feature_probe_eps``) and the transfer probe's ("transfer_*")."""
+    test images when > 0), the structure of its penultimate test features against the teacher's
+    ("cka": linear CKA; "knn_agree": the 10-nearest-neighbour agreement of
+    :func:`.structure.knn_agreement`; None without a teacher), the same-task linear probe's
+    clean/PGD accuracy on the frozen features ("probe_*", when ``probe_train`` is given; PGD at
+    ``feature_probe_eps``) and the transfer probe's ("transfer_*", with "transfer_cka" on the
+    transfer task's test images)."""
     pe = eps if probe_eps is None else probe_eps
     t_feats = features_of(teacher, test, batch_size=batch_size, device=device)[0] if teacher is not None else None
+    t_transfer = (features_of(teacher, transfer[1], batch_size=batch_size, device=device)[0]
+                  if teacher is not None and transfer is not None else None)
     rows = []
     for name, model in bar(models.items(), total=len(models), desc="evaluate", unit="model", progress=progress):
         t0 = time.time()
@@ -213,9 +220,11 @@ def evaluate_models(
         if autoattack > 0:
             row["autoattack"], row["autoattack_n"] = autoattack_accuracy(
                 model, test, eps=eps, n=autoattack, batch_size=batch_size, device=device, seed=seed)
-        row["cka"] = None
+        row["cka"] = row["knn_agree"] = None
         if t_feats is not None:
-            row["cka"] = linear_cka(features_of(model, test, batch_size=batch_size, device=device)[0], t_feats)
+            feats = features_of(model, test, batch_size=batch_size, device=device)[0]
+            row["cka"] = linear_cka(feats, t_feats)
+            row["knn_agree"] = knn_agreement(feats, t_feats, k=min(KNN_K, len(test) - 1))
         if probe_train is not None:
             fe = pe if feature_probe_eps is None else feature_probe_eps
             row.update(linear_probe(model, probe_train, test, epochs=probe_epochs, eps=fe, alpha=fe / 4,
@@ -223,6 +232,9 @@ def evaluate_models(
         if transfer is not None:
             row.update(linear_probe(model, transfer[0], transfer[1], epochs=probe_epochs, eps=pe, alpha=pe / 4,
                                     pgd_steps=pgd_steps, batch_size=batch_size, device=device, seed=seed))
+            if t_transfer is not None:
+                row["transfer_cka"] = linear_cka(features_of(model, transfer[1], batch_size=batch_size,
+                                                             device=device)[0], t_transfer)
         row["eval_s"] = round(time.time() - t0, 2)
         log(f"[eval] {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "eval_s")
             + f" ({row['eval_s']:.1f}s)")

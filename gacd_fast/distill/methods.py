@@ -1,19 +1,20 @@
 """Training objectives: one class per method, each turning a batch into a loss.
 
 Teachers: PGD adversarial training (Madry et al. 2018) and TRADES (Zhang et al. 2019).
-Students: natural, AT (PGD adversarial training), ARD (Goldblum et al. 2020) and GACD (teacher-anchored contrastive
-distillation with sample reweighting; ``weighting="none"``, method "gacd_noweight", is the no-reweighting ablation;
+Students: natural, AT (PGD adversarial training), the soft-label distillations ARD (Goldblum et al.
+2020), RSLAD (Zi et al. 2021), IAD (Zhu et al. 2022) and AdaAD (Huang et al. 2023), and GACD
+(teacher-anchored contrastive distillation with sample reweighting; ``weighting="none"``, method
+"gacd_noweight", is the no-reweighting ablation; "gacd_guided" trains on GACD's own attack;
 "gacd_feature" is the feature-only transfer: the GACD loss alone, no labels, the guided attack).
 The teacher of a distillation method is frozen and kept in eval mode.
 
-Each method is built by name through :func:`build_method` from a resolved config and the built
-objects it needs (:class:`MethodInputs`); the names, their help and their factories are registered
-in :mod:`.method_registry`.
+Each method is built by name through :func:`.method_registry.build_method` from a resolved config
+and the built objects it needs (:class:`MethodInputs`); the names, their help and their factories
+(each class's ``from_config``) are registered in :mod:`.method_registry`.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,6 @@ from torch import nn
 from .. import PGD, GACDLoss
 from ..attacks import logits_of
 from .data import iterate
-from .method_registry import methods_of
 
 if TYPE_CHECKING:
     from .config import DistillConfig, TeacherConfig
@@ -159,6 +159,32 @@ class Distill(Method):
         return f_t, logit_t
 
 
+KL_REDUCTIONS = ("mean", "batchmean")
+
+
+def _check_kl_reduction(kl_reduction: str) -> str:
+    if kl_reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl_reduction must be 'mean' (element-wise, the published codes) or 'batchmean', "
+                         f"got {kl_reduction!r}")
+    return kl_reduction
+
+
+def soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(teacher_logits / T) || softmax(student_logits / T)), both [B, C] float, as
+    ``nn.KLDivLoss`` computes it: ``reduction="mean"`` averages over the B x C elements (PyTorch's
+    default, what ARD, RSLAD and AdaAD call), ``"batchmean"`` sums over classes and averages over
+    the batch (= C x "mean"), ``"sum"`` sums, ``"none"`` gives the [B] per-sample KLs. A 0-dim
+    float32 tensor (or [B]); gradients flow to both sides unless a side is detached."""
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
+                  reduction="none")
+    if reduction == "none":
+        return kl.sum(1)
+    if reduction == "batchmean":
+        return kl.sum() / kl.shape[0]
+    return kl.sum() if reduction == "sum" else kl.mean()
+
+
 class ARD(Distill):
     """ARD main.py: alpha * T^2 * KL(S(x_adv)/T || T(x)/T) + (1 - alpha) * CE(S(x), y), the attack
     PGD on the student's CE. KLDivLoss with the default element-wise mean, as ARD's code does."""
@@ -166,10 +192,8 @@ class ARD(Distill):
     def __init__(self, teacher: nn.Module, attack: AttackSpec, temperature: float = 30.0, alpha: float = 1.0,
                  kl_reduction: str = "mean") -> None:
         super().__init__(teacher)
-        if kl_reduction not in ("mean", "batchmean"):
-            raise ValueError(f"kl_reduction must be 'mean' (ARD's code) or 'batchmean', got {kl_reduction!r}")
         self.attack, self.temperature, self.alpha = attack, temperature, alpha
-        self.kl_reduction = kl_reduction
+        self.kl_reduction = _check_kl_reduction(kl_reduction)
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, inputs: MethodInputs) -> ARD:
@@ -180,11 +204,181 @@ class ARD(Distill):
         x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps)(x, y)
         logits_adv = logits_of(model(x_adv))
         t = self.temperature
-        kl = F.kl_div(F.log_softmax(logits_adv / t, 1), F.softmax(logit_t / t, 1), reduction=self.kl_reduction)
+        kl = soft_label_kl(logits_adv, logit_t, temperature=t, reduction=self.kl_reduction)
         loss = self.alpha * t * t * kl
         if self.alpha < 1:
             loss = loss + (1 - self.alpha) * F.cross_entropy(logits_of(model(x)), y)
         return StepOutput(loss, logits_adv, {"kl": float(kl.detach())})
+
+
+class RSLAD(Distill):
+    """RSLAD (Zi et al., ICCV 2021, "Revisiting Adversarial Robustness Distillation: Robust Soft
+    Labels Make Student Better"; its code: rslad_loss.py and resnet18_rslad_cifar10.py).
+
+    Objective: ``adv_weight * KL(T(x) || S(x')) + (1 - adv_weight) * KL(T(x) || S(x))`` with the
+    teacher's clean soft labels T(x) (temperature 1) as the target of both terms, adv_weight 5/6.
+    The attack x' maximises sum_i KL(T(x_i) || S(x'_i)) (the distance to those labels, no hard
+    label) by PGD against the student in eval mode. The published KL is the element-wise mean
+    over B x C (``kl_reduction="mean"``) of ``-log S * T + log(T + 1e-5) * T``: the 1e-5 moves
+    each element by at most 1e-5 and not the gradient; here the exact KL. The published attack
+    starts at x + 0.001 N(0, 1); here at x (the KL to the teacher's labels is not flat there).
+    """
+
+    def __init__(self, teacher: nn.Module, attack: AttackSpec, adv_weight: float = 5 / 6,
+                 kl_reduction: str = "mean") -> None:
+        super().__init__(teacher)
+        self.attack, self.adv_weight = attack, adv_weight
+        self.kl_reduction = _check_kl_reduction(kl_reduction)
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, inputs: MethodInputs) -> RSLAD:
+        return cls(_teacher(inputs), inputs.attack, cfg.rslad_adv_weight, cfg.kd_kl_reduction)
+
+    def step(self, model, x, y, index):
+        _, logit_t = self.teacher_out(x)
+
+        def away_from_teacher(out: Any, _y: torch.Tensor) -> torch.Tensor:
+            return soft_label_kl(logits_of(out), logit_t, reduction="sum")
+
+        x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps, random_start=False,
+                    loss=away_from_teacher)(x, y)
+        logits_adv = logits_of(model(x_adv))
+        loss, parts = self.objective(logits_adv, logits_of(model(x)), logit_t)
+        return StepOutput(loss, logits_adv, parts)
+
+    def objective(self, logits_adv: torch.Tensor, logits_nat: torch.Tensor,
+                  logit_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss (0-dim) and its parts from the student's logits [B, C] at x' and x and the
+        teacher's [B, C] at x."""
+        kl_adv = soft_label_kl(logits_adv, logit_t, reduction=self.kl_reduction)
+        kl_nat = soft_label_kl(logits_nat, logit_t, reduction=self.kl_reduction)
+        loss = self.adv_weight * kl_adv + (1 - self.adv_weight) * kl_nat
+        return loss, {"kl_adv": float(kl_adv.detach()), "kl_nat": float(kl_nat.detach())}
+
+
+class IAD(Distill):
+    """IAD, introspective adversarial distillation (Zhu et al., ICLR 2022, "Reliable Adversarial
+    Distillation with Unreliable Teachers"; its code: IAD-I.py, the ARD-based variant).
+
+    Objective, per batch of B: ``alpha * tau^2 * (1/B) sum_i KL(T(x_i)/tau || S(x'_i)/tau)
+    + alpha * (1/B) sum_i (1 - P_T(y_i | x'_i)^beta) KL(S(x_i) || S(x'_i))
+    + (1 - alpha) * CE(S(x), y)``. The student trusts the teacher's clean soft labels, and where
+    the teacher itself is unsure of the true class on the adversarial example (P_T(y | x'), its
+    confidence there, raised to beta = 0.1) it also matches its own clean prediction: the
+    introspection term (gradient through both S(x) and S(x'), as published). The introspection
+    term starts after ``begin_steps`` optimizer steps (IAD: epoch 60 of 200; a buffer counts the
+    steps, so --resume continues the schedule). Defaults as IAD-I.py: alpha 1, tau 1, beta 0.1; the
+    attack PGD on the student's CE, as ARD's.
+    """
+
+    def __init__(self, teacher: nn.Module, attack: AttackSpec, *, alpha: float = 1.0, temperature: float = 1.0,
+                 beta: float = 0.1, begin_steps: int = 0) -> None:
+        super().__init__(teacher)
+        if begin_steps < 0:
+            raise ValueError(f"begin_steps must be >= 0, got {begin_steps}")
+        self.attack, self.alpha, self.temperature, self.beta = attack, alpha, temperature, beta
+        self.begin_steps = begin_steps
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, inputs: MethodInputs) -> IAD:
+        """begin_steps: round(iad_begin x epochs) whole epochs of ceil(num_data / batch_size) steps."""
+        if inputs.num_data is None:
+            raise ValueError("IAD needs MethodInputs.num_data (its introspection starts after whole epochs), got None")
+        per_epoch = math.ceil(inputs.num_data / cfg.batch_size)
+        return cls(_teacher(inputs), inputs.attack, alpha=cfg.iad_alpha, temperature=cfg.iad_temperature,
+                   beta=cfg.iad_beta, begin_steps=round(cfg.iad_begin * cfg.epochs) * per_epoch)
+
+    def step(self, model, x, y, index):
+        _, logit_t = self.teacher_out(x)
+        x_adv = PGD(model, self.attack.eps, self.attack.alpha, self.attack.steps)(x, y)
+        logits_adv = logits_of(model(x_adv))
+        introspect = bool(self.steps_done >= self.begin_steps)
+        logits_nat = logits_of(model(x)) if introspect or self.alpha < 1 else None
+        logit_t_adv = self.teacher_out(x_adv)[1] if introspect else None
+        loss, parts = self.objective(logits_adv, logits_nat, logit_t, logit_t_adv, y)
+        if self.training:
+            self.steps_done += 1
+        return StepOutput(loss, logits_adv, parts)
+
+    def objective(self, logits_adv: torch.Tensor, logits_nat: torch.Tensor | None, logit_t: torch.Tensor,
+                  logit_t_adv: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss (0-dim) and its parts from the student's logits [B, C] at x' and x, the
+        teacher's at x and at x' (None: before the introspection starts) and the labels [B];
+        ``logits_nat`` may be None only when neither introspection nor CE needs it."""
+        t = self.temperature
+        kl_teacher = soft_label_kl(logits_adv, logit_t, temperature=t, reduction="batchmean")
+        loss = self.alpha * t * t * kl_teacher
+        parts = {"kl_teacher": float(kl_teacher.detach())}
+        if logit_t_adv is not None:
+            trust = F.softmax(logit_t_adv, 1).gather(1, y[:, None]).squeeze(1).pow(self.beta)
+            introspection = ((1 - trust) * soft_label_kl(logits_adv, logits_nat, reduction="none")).mean()
+            loss = loss + self.alpha * introspection
+            parts["introspection"] = float(introspection.detach())
+        if self.alpha < 1:
+            loss = loss + (1 - self.alpha) * F.cross_entropy(logits_nat, y)
+        return loss, parts
+
+
+class _StudentTeacher(nn.Module):
+    """The student and the frozen teacher on the same input: (student logits, teacher logits),
+    what AdaAD's attack differentiates (through both networks)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_of(self.student(x)), logits_of(self.teacher(x))
+
+
+class AdaAD(Distill):
+    """AdaAD, adaptive adversarial distillation (Huang et al., CVPR 2023, "Boosting Accuracy and
+    Robustness of Student Models via Adaptive Adversarial Distillation"; its code: main.py and
+    AT_helper.adaad_inner_loss).
+
+    The attack x' maximises sum_i KL(T(x'_i) || S(x'_i)): the teacher also sees the adversarial
+    input, and the input gradient flows through both networks (student and teacher in eval mode),
+    so x' is where the two disagree most. The objective matches them there:
+    ``alpha * KL(T(x') || S(x')) + (1 - alpha) * KL(T(x) || S(x))``, alpha 1 (main.py's AdaAD_alpha),
+    temperature 1, KLDivLoss's element-wise mean on CIFAR-10 (``kl_reduction="mean"``). The
+    published attack starts at x + 0.001 N(0, 1); here at x (the divergence is not flat there).
+    """
+
+    def __init__(self, teacher: nn.Module, attack: AttackSpec, alpha: float = 1.0, kl_reduction: str = "mean") -> None:
+        super().__init__(teacher)
+        self.attack, self.alpha = attack, alpha
+        self.kl_reduction = _check_kl_reduction(kl_reduction)
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, inputs: MethodInputs) -> AdaAD:
+        return cls(_teacher(inputs), inputs.attack, cfg.adaad_alpha, cfg.kd_kl_reduction)
+
+    def step(self, model, x, y, index):
+        def disagreement(out: Any, _y: torch.Tensor) -> torch.Tensor:
+            return soft_label_kl(out[0], out[1], reduction="sum")
+
+        self.teacher.eval()
+        pair = _StudentTeacher(model, self.teacher)
+        x_adv = PGD(pair, self.attack.eps, self.attack.alpha, self.attack.steps, random_start=False,
+                    loss=disagreement)(x, y)
+        logits_adv = logits_of(model(x_adv))
+        nat = (logits_of(model(x)), self.teacher_out(x)[1]) if self.alpha < 1 else (None, None)
+        loss, parts = self.objective(logits_adv, self.teacher_out(x_adv)[1], *nat)
+        return StepOutput(loss, logits_adv, parts)
+
+    def objective(self, logits_adv: torch.Tensor, logit_t_adv: torch.Tensor, logits_nat: torch.Tensor | None = None,
+                  logit_t_nat: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss (0-dim) and its parts from the student's and the teacher's logits [B, C] at x'
+        and (needed only when alpha < 1) at x."""
+        kl_adv = soft_label_kl(logits_adv, logit_t_adv, reduction=self.kl_reduction)
+        loss = self.alpha * kl_adv
+        parts = {"kl_adv": float(kl_adv.detach())}
+        if self.alpha < 1:
+            kl_nat = soft_label_kl(logits_nat, logit_t_nat, reduction=self.kl_reduction)
+            loss = loss + (1 - self.alpha) * kl_nat
+            parts["kl_nat"] = float(kl_nat.detach())
+        return loss, parts
 
 
 class GACD(Distill):
@@ -272,19 +466,3 @@ def _teacher(inputs: MethodInputs) -> nn.Module:
     if inputs.teacher is None:
         raise ValueError("a distillation method needs MethodInputs.teacher, the frozen teacher; got None")
     return inputs.teacher
-
-
-def build_method(role: str, name: str, cfg: TeacherConfig | DistillConfig, inputs: MethodInputs) -> Method:
-    """The ``role`` ("teacher" or "student") method registered as ``name``, built by its factory
-    from ``cfg`` (a resolved config; the entry's ``options`` set on a copy) and ``inputs``."""
-    registry = methods_of(role)
-    info = registry.get(name)
-    if info is None:
-        raise ValueError(f"{role} method must be one of {tuple(registry)}, got {name!r}")
-    if info.needs_teacher and inputs.teacher is None:
-        raise ValueError(f"method {name!r} needs a teacher checkpoint (--teacher)")
-    module, _, qualname = info.factory.partition(":")
-    factory: Any = importlib.import_module(module)
-    for attr in qualname.split("."):
-        factory = getattr(factory, attr)
-    return factory(dataclasses.replace(cfg, **info.options), inputs)

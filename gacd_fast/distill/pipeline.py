@@ -32,12 +32,13 @@ from .config import (
 )
 from .data import DataBundle, load_dataset, load_transfer
 from .evaluate import eps_grid, eps_sweep, evaluate_models
-from .method_registry import STUDENT_METHODS
-from .methods import AttackSpec, MethodInputs, build_method
+from .external_teacher import OPTIONS as EXTERNAL_TEACHER_OPTIONS, build_external_teacher
+from .method_registry import STUDENT_METHODS, build_method
+from .methods import AttackSpec, MethodInputs
 from . import parallel, runs
 from .models import build_model
 from .report import format_table, write_results
-from .study import format_summary, noise_report, summarize, write_study
+from .study import compare, format_comparisons, format_summary, noise_report, summarize, write_study
 from .. import _precision
 from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, Speed, check_resumable, fit, load_checkpoint,
                     pick_device, save_checkpoint)
@@ -117,6 +118,12 @@ def _with_teacher_split(cfg: DemoConfig) -> DemoConfig:
     return dataclasses.replace(cfg, split_seed=meta.get("split_seed") if meta.get("split_seed") is not None else meta["seed"])
 
 
+def _external_teacher(cfg: DistillConfig | EvaluateConfig, data: DataBundle, device: torch.device) -> torch.nn.Module:
+    """The --teacher-factory teacher, checked on the first training images of ``data``."""
+    example = data.train.batch(torch.arange(min(8, len(data.train))))
+    return build_external_teacher(cfg, example, data.train.num_classes, device)
+
+
 def _finished(path: str, cfg: Any, log: Logger, name: str, config: dict[str, Any] | None = None) -> bool:
     """With --resume: True when ``path`` holds this model, trained with the same configuration
     (``config``, default the config of ``cfg``)."""
@@ -178,22 +185,27 @@ def distill(cfg: DistillConfig, log: Logger | None = None, *, callbacks: Sequenc
     name = cfg.name or cfg.method
     path, state_path = (os.path.join(cfg.out_dir, f"{name}{ext}") for ext in (".pt", ".state.pt"))
     needs_teacher = STUDENT_METHODS[cfg.method].needs_teacher
-    if needs_teacher and not cfg.teacher:
-        raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher`")
+    if needs_teacher and not (cfg.teacher or cfg.teacher_factory):
+        raise ValueError(f"method {cfg.method!r} needs --teacher, a checkpoint from `gacd-fast train-teacher` "
+                         "(or --teacher-factory module:function)")
     run_config = to_dict(cfg)
-    if needs_teacher:
-        if not os.path.isfile(cfg.teacher):
-            raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
-        run_config[TEACHER_HASH_KEY] = runs.file_sha256(cfg.teacher)
+    if needs_teacher and cfg.teacher and not os.path.isfile(cfg.teacher):
+        raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
+    teacher_file = cfg.teacher or cfg.teacher_weights  # what --resume must find unchanged
+    if needs_teacher and teacher_file and os.path.isfile(teacher_file):  # a missing --teacher-weights: said below
+        run_config[TEACHER_HASH_KEY] = runs.file_sha256(teacher_file)
     device, own_log = _setup(cfg, f"{name}_config", resume_files=(path, state_path), run_config=run_config)
     log = log or own_log
     if _finished(path, cfg, log, name, run_config):
         return path
     teacher = teacher_meta = None
-    if needs_teacher:
+    if needs_teacher and cfg.teacher:
         teacher, teacher_meta = load_checkpoint(cfg.teacher, device)
-        Speed.of(cfg).model(teacher)
     data = _data(cfg)
+    if needs_teacher and teacher is None:
+        teacher = _external_teacher(cfg, data, device)
+    if teacher is not None:
+        Speed.of(cfg).model(teacher)
     c, _, _ = data.train.image_shape
     runs.check_teacher_fits(cfg.teacher, teacher_meta, cfg.dataset, data.train.num_classes, c)
     model = build_model(cfg.student, data.train.num_classes, c)
@@ -225,8 +237,8 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
         cfg = dataclasses.replace(cfg, transfer="none")  # CIFAR: the STL-10 probe by default only when its files are given
     device, own_log = _setup(cfg, "evaluate_config", distributed=False)
     log = log or own_log
-    if not cfg.teacher and not cfg.checkpoints:
-        raise ValueError("nothing to evaluate: give --teacher and/or --checkpoints")
+    if not cfg.teacher and not cfg.teacher_factory and not cfg.checkpoints:
+        raise ValueError("nothing to evaluate: give --teacher (or --teacher-factory) and/or --checkpoints")
     data = _data(cfg)
     models: dict[str, torch.nn.Module] = {}
     metas: dict[str, dict[str, Any]] = {}
@@ -235,6 +247,9 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     if cfg.teacher:
         teacher, metas["teacher"] = load_checkpoint(cfg.teacher, device)
         runs.check_teacher_fits(cfg.teacher, metas["teacher"], cfg.dataset, data.test.num_classes, c, same_dataset=False)
+        models["teacher"] = teacher
+    elif cfg.teacher_factory:
+        teacher, metas["teacher"] = _external_teacher(cfg, data, device), {"teacher_factory": cfg.teacher_factory}
         models["teacher"] = teacher
     for path in cfg.checkpoints:
         key = os.path.splitext(os.path.basename(path))[0]
@@ -317,18 +332,19 @@ def recipe(cfg: DemoConfig, log: Logger, title: str, callbacks: Sequence[EpochEn
                   threads=cfg.threads, resume=cfg.resume, progress=cfg.progress, deterministic=cfg.deterministic,
                   eps=cfg.eps, attack_steps=cfg.attack_steps, lr=cfg.lr, precision=cfg.precision,
                   eval_precision=cfg.eval_precision, channels_last=cfg.channels_last, compile=cfg.compile)
-    teacher_path = cfg.teacher or train_teacher(TeacherConfig(**common, method=cfg.teacher_method,
-                                                              epochs=cfg.teacher_epochs), log,
-                                                callbacks=callbacks)
+    external = {o: getattr(cfg, o) for o in EXTERNAL_TEACHER_OPTIONS}  # --teacher-factory: no teacher to train
+    teacher_path = cfg.teacher or (None if cfg.teacher_factory else train_teacher(
+        TeacherConfig(**common, method=cfg.teacher_method, epochs=cfg.teacher_epochs), log, callbacks=callbacks))
     paths = []
     for name, method, bank in student_runs(cfg.methods, cfg.banks):
-        paths.append(distill(DistillConfig(**common, teacher=teacher_path, method=method, name=name, bank=bank,
+        paths.append(distill(DistillConfig(**common, **external, teacher=teacher_path, method=method, name=name, bank=bank,
                                            teacher_head=cfg.teacher_head, prefill_bank=cfg.prefill_bank,
                                            epochs=cfg.student_epochs, gacd_weight=cfg.gacd_weight,
                                            ce_input=cfg.ce_input, attack_objective=cfg.attack_objective,
                                            bank_dtype=cfg.bank_dtype), log,
                              callbacks=callbacks))
     ecfg = EvaluateConfig(**{k: v for k, v in common.items() if k not in ("attack_steps", "lr", "precision", "compile")},
+                          **external,
                           teacher=teacher_path, checkpoints=paths, probe_epochs=cfg.probe_epochs,
                           eps_sweep=cfg.eps_sweep, autoattack=cfg.autoattack)
     parallel.shutdown()  # training is over: rank 0 evaluates alone, the other ranks are done
@@ -375,7 +391,14 @@ def study(cfg: StudyConfig, *, callbacks: Sequence[EpochEndCallback] = ()) -> di
     if cfg.resume:
         _write_config(cfg, "study_config")
     summary = summarize(per_seed)
-    paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds")
+    students = student_runs(cfg.methods, cfg.banks)  # GACD (the students with a bank) against every baseline
+    comparisons = compare(per_seed, [n for n, m, _ in students if STUDENT_METHODS[m].uses_bank],
+                          ["teacher"] + [n for n, m, _ in students if not STUDENT_METHODS[m].uses_bank],
+                          probe_only=tuple(n for n, m, _ in students if STUDENT_METHODS[m].probe_only))
+    paths = write_study(summary, per_seed, cfg.out_dir, config=to_dict(cfg), title=f"{cfg.dataset}: {len(cfg.seeds)} seeds",
+                        comparisons=comparisons)
     log(format_summary(summary, f"{cfg.dataset}: mean +- std over seeds {cfg.seeds}"))
+    log(format_comparisons(comparisons, "differences to each baseline, paired by seed: mean ± 95% half-width "
+                                        "(t, n-1 df); OUTSIDE = beyond the seed noise"))
     log(f"[study] wrote {', '.join(paths.values())}; total wall time {time.time() - t_start:.1f}s")
     return summary

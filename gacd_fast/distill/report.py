@@ -4,15 +4,17 @@ robust_vs_eps.png, training_curves.png), all written atomically.
 results.json::
 
     {"dataset": str, "eps": float, "device": str, "config": {...}, "versions": {...},
-     "methods": {name: {"clean", "fgsm", "pgd20", "cw", "cka", "seconds",
-                        "probe_clean", "probe_pgd20", "transfer_clean", "transfer_pgd20",
+     "methods": {name: {"clean", "fgsm", "pgd20", "cw", "cka", "knn_agree", "seconds",
+                        "probe_clean", "probe_pgd20", "transfer_clean", "transfer_pgd20", "transfer_cka",
                         "autoattack", "autoattack_n"}}}
 
 Accuracies are fractions in [0, 1]; "cka" is the linear CKA of the model's penultimate test
-features to the teacher's (null without a teacher); "seconds" the model's training wall time
-(null when its checkpoint does not say); the probe keys (a linear probe on the frozen features,
-same task) unless evaluate ran with --no-feature-probe; the transfer keys only when a transfer
-probe ran; the autoattack keys (accuracy, images used) only with --autoattack N.
+features to the teacher's and "knn_agree" their 10-nearest-neighbour agreement (both null without
+a teacher); "seconds" the model's training wall time (null when its checkpoint does not say); the
+probe keys (a linear probe on the frozen features, same task) unless evaluate ran with
+--no-feature-probe; the transfer keys only when a transfer probe ran ("transfer_cka": linear CKA
+to the teacher's features on the transfer task's test images); the autoattack keys (accuracy,
+images used) only with --autoattack N.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from typing import Any
 from .atomic import atomic_write, atomic_write_text
 
 SKIP_COLS = ("eval_s",)
+# similarity columns: ratios in [0, 1] shown as such (the other fractions are accuracies, shown in %)
+RATIO_COLS = ("cka", "knn_agree", "transfer_cka")
 
 
 def versions() -> dict[str, str | None]:
@@ -56,7 +60,7 @@ def format_table(rows: list[dict[str, Any]], title: str = "") -> str:
 
     def cell(v: Any, c: str) -> str:
         if isinstance(v, float):
-            if c == "cka":
+            if c in RATIO_COLS:
                 return f"{v:.4f}"
             if c == "seconds":
                 return f"{v:.1f}"
@@ -68,8 +72,8 @@ def format_table(rows: list[dict[str, Any]], title: str = "") -> str:
     line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
     out = [title] if title else []
     out += [line(cols), line(["-" * w for w in widths])] + [line(b) for b in body]
-    out.append("(accuracies in %, cka = linear CKA of penultimate test features to the teacher's, "
-               "seconds = training wall time)")
+    out.append("(accuracies in %, cka = linear CKA of penultimate test features to the teacher's, knn_agree = "
+               "their 10-NN agreement, transfer_cka = CKA on the transfer task, seconds = training wall time)")
     return "\n".join(out)
 
 
@@ -149,7 +153,8 @@ def _save(fig: Any, path: str) -> None:
 def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
     """Grouped bars of the accuracy columns per model, with CKA in a second panel when present."""
     plt = _pyplot()
-    acc_cols = [c for c in rows[0] if c in ("clean", "fgsm", "cw") or c.startswith("pgd") or c.startswith("transfer")]
+    acc_cols = [c for c in rows[0] if (c in ("clean", "fgsm", "cw") or c.startswith("pgd") or c.startswith("transfer"))
+                and c not in RATIO_COLS]
     has_cka = any(r.get("cka") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_cka else 1, figsize=(11 if has_cka else 8, 4),
                              gridspec_kw={"width_ratios": [3, 1]} if has_cka else None, squeeze=False)
