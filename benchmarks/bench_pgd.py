@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gacd_fast  # noqa: E402
 from common import (  # noqa: E402
-    DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress, time_interleaved,
+    DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress,
     time_ms,
 )
-from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, load, model, summary, warm_library  # noqa: E402
+from workloads import VARIANTS, WORKLOADS, Variant, images, model, summary, time_variants, warm_library  # noqa: E402
 
 EPS, ALPHA = 8 / 255, 2 / 255
 STEP_PROVIDERS = ["gacd_triton", "gacd_cext", "gacd_torch", "torch_eager", "torch_compile"]
@@ -157,22 +157,12 @@ def attack_benchmarks(rec: Recorder, args: argparse.Namespace, device: torch.dev
                     variants[variant.label] = variant
                 except Skip as why:
                     rec.skip(variant.provider, str(why))
-            slow = frozenset(label for label, v in variants.items() if emulated(v, device))
-            progress(f"  {op} B={batch}: timing {', '.join(fns)} interleaved ({load()})")
-            times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
-            for label, variant in variants.items():
-                p50, p20, p80 = times[label]
-                rec.add(op, variant.provider, "full", variant.dtype, shape, "time", "ms", p50, p20, p80)
-                rec.add(op, variant.provider, "full", variant.dtype, shape, "images_per_s", "1/s", batch / (p50 / 1e3))
-                line = f"  {op} B={batch} {label}: {p50:.1f} ms, {batch / (p50 / 1e3):.1f} images/s"
-                if not args.no_memory:
-                    spec = dict(kind="attack", workload=workload, provider=variant.provider,
-                                precision=variant.precision, B=batch, device=str(device))
-                    mb = (probe_in_subprocess(Path(__file__), spec) if device.type == "cpu"
-                          else peak_extra_mb(fns[label], device, warmup=False))
-                    rec.add(op, variant.provider, "full", variant.dtype, shape, "peak_memory", "MB", mb)
-                    line += f", peak extra {mb:.0f} MB"
-                progress(line + (" (emulated: one call)" if label in slow else ""))
+            time_variants(rec, op, shape, fns, variants, device, reps=reps, batch=batch,
+                          describe=lambda ms: f"{ms:.1f} ms, {batch / (ms / 1e3):.1f} images/s",
+                          memory_spec=None if args.no_memory else lambda v: dict(
+                              kind="attack", workload=workload, provider=v.provider, precision=v.precision, B=batch,
+                              device=str(device)),
+                          script=Path(__file__))
             if workload == "resnet18":
                 verdict = bit_identical_to_torchattacks(batch, device)
                 progress(f"  gacd_fast.PGD vs torchattacks.PGD (same seed), B={batch}: {verdict}")

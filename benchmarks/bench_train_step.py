@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gacd_fast  # noqa: E402
 from bench_pgd import LogitsOnly, plain_pgd  # noqa: E402
 from common import (  # noqa: E402
-    Recorder, Skip, base_parser, peak_extra_mb, probe_in_subprocess, progress, time_interleaved,
+    Recorder, Skip, base_parser, peak_extra_mb,
 )
 from gacd_fast import _precision  # noqa: E402
 from gacd_fast.functional import weighted_reduce  # noqa: E402
-from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, load, model, summary, warm_library  # noqa: E402
+from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, model, summary, time_variants, warm_library  # noqa: E402
 
 TAU, MOMENTUM = 0.07, 0.5  # CRD's tau and momentum
 
@@ -165,21 +165,11 @@ def main() -> None:
                 variants[variant.label] = variant
             except Skip as why:
                 rec.skip(variant.provider, str(why))
-        slow = frozenset(label for label, v in variants.items() if emulated(v, device))
-        progress(f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps}: timing {', '.join(fns)} interleaved ({load()})")
-        times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
-        for label, variant in variants.items():
-            p50, p20, p80 = times[label]
-            rec.add(op, variant.provider, "full", variant.dtype, dims, "time", "ms", p50, p20, p80)
-            rec.add(op, variant.provider, "full", variant.dtype, dims, "images_per_s", "1/s", shape.batch / (p50 / 1e3))
-            line = f"  {op} B={shape.batch} K={shape.k} PGD-{shape.steps} {label}: {p50 / 1e3:.2f} s/step"
-            if not args.no_memory:
-                spec = dict(shape=vars(shape), provider=variant.provider, precision=variant.precision, device=str(device))
-                mb = (probe_in_subprocess(Path(__file__), spec) if device.type == "cpu"
-                      else peak_extra_mb(fns[label], device, warmup=False))
-                rec.add(op, variant.provider, "full", variant.dtype, dims, "peak_memory", "MB", mb)
-                line += f", peak extra {mb:.0f} MB"
-            progress(line + (" (emulated: one call)" if label in slow else ""))
+        time_variants(rec, op, dims, fns, variants, device, reps=reps, batch=shape.batch,
+                      describe=lambda ms: f"PGD-{shape.steps} {ms / 1e3:.2f} s/step",
+                      memory_spec=None if args.no_memory else lambda v: dict(
+                          shape=vars(shape), provider=v.provider, precision=v.precision, device=str(device)),
+                      script=Path(__file__))
         del fns  # the next workload's models and banks
     rec.write(args.out)
     print(summary(rec.rows, TARGETS))

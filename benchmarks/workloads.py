@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+
+from common import Recorder, peak_extra_mb, probe_in_subprocess, progress, time_interleaved
 
 from gacd_fast import _precision
 from gacd_fast.distill.models import build_model
@@ -102,6 +106,30 @@ def warm_library(device: torch.device) -> None:
 def load() -> str:
     """The 1-minute load average (other jobs on a shared machine make timings noisy)."""
     return f"{os.getloadavg()[0]:.2f}"
+
+
+def time_variants(rec: Recorder, op: str, dims: dict, fns: dict[str, Callable[[], object]], variants: dict[str, Variant],
+                  device: torch.device, *, reps: int, batch: int, describe: Callable[[float], str],
+                  memory_spec: Callable[[Variant], dict] | None, script: Path) -> None:
+    """Time the variants' ``fns`` side by side, interleaved (one call of each per round; a
+    precision this device only emulates: one call), and record per variant its time (ms),
+    images/s and, with ``memory_spec``, the extra peak memory of one call (on a CPU, measured by
+    re-running ``script`` with ``--probe <memory_spec(variant)>`` in a fresh process). One line
+    each: ``describe(p50_ms)``."""
+    slow = frozenset(label for label, v in variants.items() if emulated(v, device))
+    progress(f"  {op} {dims}: timing {', '.join(fns)} interleaved ({load()})")
+    times = time_interleaved(fns, device, warmup=1, reps=reps, few=slow)
+    for label, variant in variants.items():
+        p50, p20, p80 = times[label]
+        rec.add(op, variant.provider, "full", variant.dtype, dims, "time", "ms", p50, p20, p80)
+        rec.add(op, variant.provider, "full", variant.dtype, dims, "images_per_s", "1/s", batch / (p50 / 1e3))
+        line = f"  {op} {dims} {label}: {describe(p50)}"
+        if memory_spec is not None:
+            mb = (probe_in_subprocess(script, memory_spec(variant)) if device.type == "cpu"
+                  else peak_extra_mb(fns[label], device, warmup=False))
+            rec.add(op, variant.provider, "full", variant.dtype, dims, "peak_memory", "MB", mb)
+            line += f", peak extra {mb:.0f} MB"
+        progress(line + (" (emulated: one call)" if label in slow else ""))
 
 
 def summary(rows: list[dict], targets: dict[str, list[tuple[str, str, str, float]]]) -> str:
