@@ -120,7 +120,7 @@ def test_subprocess_exit_codes(tmp_path):
 
 
 METHOD_KEYS = {"clean", "fgsm", "pgd20", "cw", "cka", "knn_agree", "seconds", "probe_clean", "probe_pgd20", "transfer_clean",
-               "transfer_pgd20", "transfer_cka"}
+               "transfer_pgd20", "transfer_cka", "precision", "eval_precision"}
 
 
 def check_results_schema(doc, methods):
@@ -132,7 +132,8 @@ def check_results_schema(doc, methods):
     assert list(doc["methods"]) == list(methods)
     for name, m in doc["methods"].items():
         assert set(m) == METHOD_KEYS, name
-        for k in METHOD_KEYS - {"cka", "transfer_cka", "seconds"}:
+        assert m["precision"] in ("fp32", "bf16", "fp16") and m["eval_precision"] in ("fp32", "bf16", "fp16")
+        for k in METHOD_KEYS - {"cka", "transfer_cka", "seconds", "precision", "eval_precision"}:
             assert isinstance(m[k], float) and 0.0 <= m[k] <= 1.0, (name, k)
         for k in ("cka", "transfer_cka"):
             assert isinstance(m[k], float) and -1e-9 <= m[k] <= 1 + 1e-9, (name, k)
