@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None,
+                    help="attack a seeded subset of this many test images (default: the whole test set)")
     ap.add_argument("--out", default=os.path.join(HERE, "attack_strength.json"))
     args = ap.parse_args()
     if args.threads:
@@ -53,7 +55,7 @@ def main() -> None:
         cfg = meta["config"]
         split = cfg.get("split_seed") if cfg.get("split_seed") is not None else cfg["seed"]
         ecfg = resolve(EvaluateConfig(dataset=cfg["dataset"]))  # the evaluation's eps and step of the dataset
-        test = load_dataset(cfg["dataset"], cfg.get("data_dir"), seed=split).test
+        test = load_dataset(cfg["dataset"], cfg.get("data_dir"), seed=split).test.subset(args.limit, seed=args.seed)
         row = {"checkpoint": path, "dataset": cfg["dataset"], "arch": meta["arch"], "n": len(test),
                "eps": ecfg.eps, "alpha": ecfg.alpha}
         correct = {}
@@ -66,7 +68,8 @@ def main() -> None:
             row[f"diff_points_{p}"] = 100 * (row[f"pgd20_{p}"] - row["pgd20_fp32"])
             row[f"agreement_{p}"] = float((correct[p] == correct["fp32"]).float().mean())
         results[f"{cfg['dataset']} {meta['arch']}"] = row
-    doc = {"command": "PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py " + " ".join(args.checkpoints),
+    doc = {"command": "PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py "
+                      + (f"--limit {args.limit} " if args.limit else "") + " ".join(args.checkpoints),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": results}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)

@@ -1,0 +1,22 @@
+# The commands behind docs/mixed_precision.md (run from the repository root on the shared 2-core AVX2
+# CPU of this round, where bf16 runs emulated; one thread each, beside other jobs).
+export GACD_FAST_BACKEND=torch
+
+# students trained in bf16 against fp32 ones, digits, one fp32 teacher shared by 3 seeds
+gacd-fast train-teacher --dataset digits --epochs 12 --threads 1 --no-progress --out runs/i20/digits_teacher
+gacd-fast study --dataset digits --seeds 0 1 2 --teacher runs/i20/digits_teacher/teacher.pt \
+    --methods gacd gacd_feature --precision fp32 --threads 1 --no-progress --out runs/i20/study_digits_fp32
+# (started with --methods gacd gacd_feature; finished with gacd only for time, --resume keeping the students)
+gacd-fast study --dataset digits --seeds 0 1 2 --teacher runs/i20/digits_teacher/teacher.pt \
+    --methods gacd --precision bf16 --threads 1 --no-progress --resume --out runs/i20/study_digits_bf16
+python docs/results/mixed_precision/compare_studies.py runs/i20/study_digits_fp32 runs/i20/study_digits_bf16 \
+    --name digits_bf16
+
+# attack strength: PGD-20 in fp32 and in bf16 on the same models from the same starts
+python docs/results/mixed_precision/attack_strength.py --threads 1 --out docs/results/mixed_precision/attack_strength_digits.json \
+    runs/i20/digits_teacher/teacher.pt runs/i20/study_digits_fp32/seed0/gacd.pt
+python docs/results/mixed_precision/attack_strength.py --threads 1 --limit 250 \
+    --out docs/results/mixed_precision/attack_strength_mnist5k.json runs/mnist5k_teacher/teacher.pt   # the method study's teacher
+
+# the op-level cost of a bf16 bank
+python docs/results/mixed_precision/bank_dtype_error.py
