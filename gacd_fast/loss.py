@@ -8,26 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _precision, backends, collectives
+from . import _precision, collectives
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
+    check_backend_name,
+    check_bool,
     check_int,
     check_option,
     check_same_device,
     check_temperature,
     check_tensor,
 )
-from .memory import BatchNegatives, FeatureQueue, MemoryBank, NegativeBank
-from .ops.reference import NORM_EPS
+from ._numerics import NORM_EPS
+from .memory import BANK_DTYPES, BANKS
 from .weighting import WEIGHTINGS, teacher_weights
 
-BANKS = ("memory", "queue", "batch")  # the bank kinds (``bank=``, ``NegativeBank.kind``)
 CRITICS = ("infonce", "nce", "crd_nce")
 TEACHER_HEADS = ("frozen", "train")
 CRD_EPS = 1e-7  # RepDistiller's ContrastLoss adds it to every denominator
 CRD_OPTIONS = ("s_dim", "t_dim", "feat_dim", "nce_k", "nce_t", "nce_m", "n_data")  # read by from_crd_opt
-BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # ``bank_dtype=``: the stored rows' dtype
 
 
 class Embed(nn.Module):
@@ -139,13 +139,13 @@ class GACDLoss(nn.Module):
         check_int("embed_dim", embed_dim, minimum=1)
         self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
         self.temperature = check_temperature(temperature)
-        check_option("bank", bank, BANKS)
+        check_option("bank", bank, tuple(BANKS))
         self.teacher_head = check_option("teacher_head", teacher_head, TEACHER_HEADS)
         self.weighting = check_option("weighting", weighting, WEIGHTINGS)
         self.critic = check_option("critic", critic, CRITICS)
         self.reduction = check_option("reduction", reduction, gf.REDUCTIONS)
         self.symmetric = check_bool("symmetric", symmetric)
-        self.backend = _check_backend_name(backend)
+        self.backend = check_backend_name(backend)
         if distributed is not None and not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
         self.across_ranks = distributed  # None: decided per call (whether a process group is initialised)
@@ -165,9 +165,10 @@ class GACDLoss(nn.Module):
         if bank == "batch" and bank_dtype != "fp32":
             raise ValueError(f"bank_dtype={bank_dtype!r} needs a bank that stores rows ('memory' or 'queue'); "
                              "bank='batch' stores none")
-        self.bank_t = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives, rows_dtype)  # teacher embeddings
-        self.bank_s = (_make_bank(bank, num_data, embed_dim, momentum, self.num_negatives, rows_dtype)
-                       if symmetric else None)
+        options = dict(num_data=num_data, dim=embed_dim, momentum=momentum, num_negatives=self.num_negatives,
+                       dtype=rows_dtype)
+        self.bank_t = BANKS[bank].from_options(**options)  # teacher embeddings
+        self.bank_s = BANKS[bank].from_options(**options) if symmetric else None  # student embeddings
         if critic == "crd_nce":  # CRD's Z per term: [student query vs bank_t, teacher query vs bank_s]
             self.register_buffer("crd_z", torch.full((2,), -1.0))
 
@@ -388,27 +389,3 @@ class GACDLoss(nn.Module):
         self.bank_t.update(t.detach(), index, dist_on=dist_on)
         if self.bank_s is not None:
             self.bank_s.update(s.detach(), index, dist_on=dist_on)
-
-
-def _make_bank(kind: str, num_data: int | None, dim: int, momentum: float, num_negatives: int,
-               dtype: torch.dtype = torch.float32) -> NegativeBank:
-    """A bank of ``kind`` (one of BANKS) for ``dim``-wide embeddings, storing ``dtype`` rows."""
-    if kind == "memory":
-        return MemoryBank(num_data, dim, momentum, num_negatives, dtype=dtype)
-    return FeatureQueue(num_negatives, dim, dtype=dtype) if kind == "queue" else BatchNegatives()
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _check_backend_name(backend: object) -> str | None:
-    """None, "auto" or a registered backend name (checked now, not at the first forward)."""
-    if backend is None or backend == "auto":
-        return backend  # type: ignore[return-value]
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    backends.unavailable_reason(backend)  # ValueError naming the known backends when unknown
-    return backend

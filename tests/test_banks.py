@@ -165,8 +165,19 @@ def test_batch_negatives_store_nothing():
     assert not list(b.buffers())
 
 
-def test_cli_choices_match_the_loss():
+def test_the_bank_registry_is_the_one_source_of_kinds():
+    """BANKS (memory.py) holds the classes; GACDLoss's bank= and the CLI's --bank derive from it."""
     from gacd_fast.distill import config
-    from gacd_fast.loss import BANKS, TEACHER_HEADS
+    from gacd_fast.memory import BANKS
 
-    assert config.BANK_CHOICES == BANKS and config.TEACHER_HEAD_CHOICES == TEACHER_HEADS
+    assert BANKS == {"memory": MemoryBank, "queue": FeatureQueue, "batch": BatchNegatives}
+    assert all(cls.kind == kind for kind, cls in BANKS.items())
+    assert config.BANK_CHOICES == tuple(BANKS)
+    with pytest.raises(ValueError, match=r"bank must be one of \['memory', 'queue', 'batch'\], got 'ring'"):
+        GACDLoss(6, 5, num_data=20, bank="ring")
+    for kind, cls in BANKS.items():
+        bank = cls.from_options(num_data=20, dim=4, momentum=0.5, num_negatives=7, dtype=torch.bfloat16)
+        assert type(bank) is cls and bank.rows_dtype in (None, torch.bfloat16)
+    assert BANKS["queue"].from_options(num_data=None, dim=4, momentum=0.5, num_negatives=7,
+                                       dtype=torch.float32).rows.shape == (7, 4)
+
