@@ -16,6 +16,7 @@ from ._checks import (
     check_bool,
     check_int,
     check_option,
+    check_real,
     check_same_device,
     check_temperature,
     check_tensor,
@@ -167,8 +168,10 @@ class GACDLoss(nn.Module):
                              "bank='batch' stores none")
         options = dict(num_data=num_data, dim=embed_dim, momentum=momentum, num_negatives=self.num_negatives,
                        dtype=rows_dtype)
+        # CRD's order (memory_v1, the student's rows, first), so that a seeded run draws CRD's memories
+        bank_s = BANKS[bank].from_options(**options) if symmetric else None  # student embeddings
         self.bank_t = BANKS[bank].from_options(**options)  # teacher embeddings
-        self.bank_s = BANKS[bank].from_options(**options) if symmetric else None  # student embeddings
+        self.bank_s = bank_s
         if critic == "crd_nce":  # CRD's Z per term: [student query vs bank_t, teacher query vs bank_s]
             self.register_buffer("crd_z", torch.full((2,), -1.0))
 
@@ -181,6 +184,11 @@ class GACDLoss(nn.Module):
         configuration: ``critic="crd_nce", symmetric=True, bank="memory", teacher_head="train",
         weighting="none"``. ``overrides`` replace any of these or set other options; GACD's
         reweighting is ``weighting="confidence"`` (then pass ``teacher_logits`` and ``targets``).
+        ``nce_t`` and ``nce_m`` are rounded to float32, as CRD's ContrastMemory keeps them (its
+        ``params`` buffer): the module uses CRD's values of tau and momentum. The heads
+        and the memories are created in CRDLoss's order (``embed_s``, ``embed_t``, the student's
+        memory_v1 = ``bank_s``, the teacher's memory_v2 = ``bank_t``), so under the same seed the
+        module starts from CRDLoss's weights and memories.
         One difference remains: with ``contrast_idx=None`` the negatives drawn never include the
         sample's own row (CRDLoss's draw may); RepDistiller's loaders pass ``contrast_idx``.
         """
@@ -188,7 +196,8 @@ class GACDLoss(nn.Module):
         if missing:
             raise TypeError(f"opt must carry RepDistiller's CRD options {list(CRD_OPTIONS)}; "
                             f"{type(opt).__name__} lacks {missing}")
-        crd = dict(embed_dim=opt.feat_dim, num_negatives=opt.nce_k, temperature=opt.nce_t, momentum=opt.nce_m,
+        tau, momentum = (_as_float32(name, getattr(opt, name)) for name in ("nce_t", "nce_m"))
+        crd = dict(embed_dim=opt.feat_dim, num_negatives=opt.nce_k, temperature=tau, momentum=momentum,
                    critic="crd_nce", symmetric=True, bank="memory", teacher_head="train", weighting="none")
         return cls(opt.s_dim, opt.t_dim, opt.n_data, **{**crd, **overrides})
 
@@ -389,3 +398,9 @@ class GACDLoss(nn.Module):
         self.bank_t.update(t.detach(), index, dist_on=dist_on)
         if self.bank_s is not None:
             self.bank_s.update(s.detach(), index, dist_on=dist_on)
+
+
+def _as_float32(name: str, value: object) -> float:
+    """``value`` rounded to float32 and back (CRD keeps nce_t and nce_m in a float32 buffer)."""
+    return float(torch.tensor(check_real(f"opt.{name}", value), dtype=torch.float32))
+
