@@ -2,7 +2,8 @@
 CRDLoss as one configuration of it (:meth:`GACDLoss.from_crd_opt`)."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import warnings
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from ._checks import (
     check_tensor,
 )
 from ._numerics import NORM_EPS
+from .attacks import model_mode
 from .memory import BANK_DTYPES, BANKS
 from .weighting import WEIGHTINGS, teacher_weights
 
@@ -172,6 +174,7 @@ class GACDLoss(nn.Module):
         bank_s = BANKS[bank].from_options(**options) if symmetric else None  # student embeddings
         self.bank_t = BANKS[bank].from_options(**options)  # teacher embeddings
         self.bank_s = bank_s
+        self._checked_fill = False  # whether the first training call looked at the bank's fill
         if critic == "crd_nce":  # CRD's Z per term: [student query vs bank_t, teacher query vs bank_s]
             self.register_buffer("crd_z", torch.full((2,), -1.0))
 
@@ -217,6 +220,35 @@ class GACDLoss(nn.Module):
         t = self.embed_t(f_t.to(self.embed_t.linear.weight.dtype))
         self.bank_t.prefill(t, index)
 
+    @torch.no_grad()
+    def prefill_from(self, teacher: nn.Module, loader: Iterable[Any]) -> None:
+        """Fill the bank with ``teacher``'s embeddings of a whole pass over ``loader``, before training.
+
+        ``loader`` yields batches ``(x, y, index, ...)`` (a DataLoader over a dataset that returns
+        each sample's dataset index, as the training loop's): ``x`` the images, ``index`` [B] int
+        dataset rows; ``y`` and any further items (CRD's ``contrast_idx``) are not used. Each batch
+        is moved to the loss's device. ``teacher(x)`` returns features [B, teacher_dim] or a
+        ``(features, logits)`` tuple (features first; float of any dtype). It runs in eval mode
+        without gradients, and every module's train/eval flag is restored after (also after an
+        error). The rows written are exact (:meth:`prefill`): a memory bank gets row ``index`` of
+        every sample seen, a queue the last ``num_negatives`` samples; in-batch negatives store
+        nothing (no pass is made). The student's bank of ``symmetric=True`` is not filled. Under
+        torch.distributed give every rank the whole training set (not its shard), so the banks
+        stay identical on every rank.
+        """
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        if self.bank_t.rows_dtype is None:
+            return
+        device = self.embed_t.linear.weight.device
+        with model_mode(teacher, "eval"):
+            for number, batch in enumerate(loader):
+                if not isinstance(batch, (tuple, list)) or len(batch) < 3:
+                    raise ValueError(f"loader must yield (x, y, index, ...) batches; batch {number} is "
+                                     f"{_describe(batch)}")
+                out = teacher(batch[0].to(device))
+                self.prefill(out[0] if isinstance(out, (tuple, list)) else out, batch[2].to(device))
+
     def forward(
         self,
         f_s: torch.Tensor,
@@ -260,6 +292,7 @@ class GACDLoss(nn.Module):
         loss = self._reduced_loss(terms, weights, dist_on)
         if self.training if update_bank is None else update_bank:
             self._update_banks(s, t, index, dist_on)
+            self._warn_if_unfilled()
         return loss
 
     # -- the steps of forward, in order -----------------------------------------------------
@@ -389,6 +422,21 @@ class GACDLoss(nn.Module):
             sum_and_count = collectives.all_reduce_sum(sum_and_count)
         return sum_and_count[0] / sum_and_count[1]
 
+    def _warn_if_unfilled(self) -> None:
+        """Once per loss: a UserWarning when training starts on a memory or queue bank that still
+        holds its random initial rows with the frozen teacher head (its first negatives are then
+        noise; prefill fixes that). CRD's trained head (``teacher_head="train"``) starts from random
+        rows by design. Host-side only: skipped while torch.compile traces."""
+        if torch.compiler.is_compiling() or self._checked_fill:
+            return
+        self._checked_fill = True
+        if self.teacher_head == "frozen" and self.bank_t.rows_dtype is not None and not self.bank_t.filled:
+            warnings.warn(
+                f"GACDLoss starts training with an unfilled {self.bank_t.kind} bank: its negatives are random "
+                "rows until training overwrites them, which was measured to weaken the distilled features. "
+                "Fill it first: crit.prefill_from(teacher, loader) (or crit.prefill(f_t, index))",
+                UserWarning, stacklevel=2)
+
     def _update_banks(self, s: torch.Tensor, t: torch.Tensor, index, dist_on: bool) -> None:
         """Remember this batch: teacher embeddings in bank_t, student embeddings in bank_s. Both are
         checked before either is written, so a refused row (NaN, inf) leaves the banks in step."""
@@ -404,3 +452,9 @@ def _as_float32(name: str, value: object) -> float:
     """``value`` rounded to float32 and back (CRD keeps nce_t and nce_m in a float32 buffer)."""
     return float(torch.tensor(check_real(f"opt.{name}", value), dtype=torch.float32))
 
+
+def _describe(batch: object) -> str:
+    """A short description of a loader's batch for an error message."""
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    return f"a {type(batch).__name__}"

@@ -53,6 +53,13 @@ class NegativeBank(nn.Module):
     #: whether :meth:`negatives` needs the samples' dataset indices
     needs_index = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        # True once rows were written by prefill or loaded from a state dict (a resumed run): no
+        # longer the random start. A plain attribute, so checkpoints keep their keys.
+        self.filled = False
+        self.register_load_state_dict_post_hook(_mark_filled)
+
     @classmethod
     def from_options(cls, *, num_data: int | None, dim: int, momentum: float, num_negatives: int,
                      dtype: torch.dtype) -> "NegativeBank":
@@ -119,6 +126,11 @@ class NegativeBank(nn.Module):
             return values, index
         values = collectives.all_gather_rows(values)
         return values, collectives.all_gather_rows(index) if index is not None else None
+
+
+def _mark_filled(bank: NegativeBank, _incompatible_keys: object) -> None:
+    """load_state_dict post-hook: loaded rows are a checkpoint's, not the random start."""
+    bank.filled = True
 
 
 def _rows_dtype(dtype: object) -> torch.dtype:
@@ -220,6 +232,7 @@ class MemoryBank(NegativeBank):
         v, index = self._rows_and_index("prefill", keys, index)
         unit = F.normalize(v.to(acc_dtype(self.rows.dtype)), dim=1, eps=NORM_EPS)
         self.rows = self.rows.index_copy(0, index, unit.to(self.rows.dtype))
+        self.filled = True
 
 
 class FeatureQueue(NegativeBank):
@@ -262,6 +275,7 @@ class FeatureQueue(NegativeBank):
 
     def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
         self.enqueue(keys)
+        self.filled = True
 
 
 class BatchNegatives(NegativeBank):

@@ -435,8 +435,7 @@ class GACD(Distill):
     def prepare(self, train: Any, device: torch.device | str) -> None:
         if not self.prefill:
             return
-        for x, _, index in iterate(train, 512, device=device):
-            self.criterion.prefill(self.teacher_out(x)[0], index)
+        self.criterion.prefill_from(self.teacher, iterate(train, 512, device=device))
 
     def step(self, model, x, y, index):
         f_t, logit_t = self.teacher_out(x)
