@@ -65,7 +65,7 @@ class Method(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, inputs: MethodInputs) -> Method:
-        """The factory :mod:`.method_registry` names: this method from ``cfg`` (the resolved
+        """The factory registered in :mod:`.method_registry`: this method from ``cfg`` (the resolved
         TeacherConfig or DistillConfig) and ``inputs``. A method with no option of its own needs no
         override."""
         return cls()
