@@ -113,7 +113,9 @@ class GACDLoss(nn.Module):
     Forward: ``loss(f_s, f_t, index=None, contrast_index=None, *, teacher_logits=None,
     targets=None, weights=None, update_bank=None)``. ``loss(f_s, f_t, idx, contrast_idx)`` is
     RepDistiller's CRDLoss call. The bank is updated after the loss when ``update_bank`` (default:
-    ``self.training``); keep it False while crafting attacks.
+    ``self.training``); keep it False while crafting attacks. Fill a memory or queue bank before
+    training with :meth:`prefill_from` (or :meth:`prefill`); the first training call on an unfilled
+    one warns once (with the frozen teacher head).
     """
 
     def __init__(
