@@ -227,10 +227,10 @@ class GACDLoss(nn.Module):
         """Fill the bank with ``teacher``'s embeddings of a whole pass over ``loader``, before training.
 
         ``loader`` yields batches ``(x, y, index, ...)`` (a DataLoader over a dataset that returns
-        each sample's dataset index, as the training loop's): ``x`` the images, ``index`` [B] int
-        dataset rows; ``y`` and any further items (CRD's ``contrast_idx``) are not used. Each batch
-        is moved to the loss's device. ``teacher(x)`` returns features [B, teacher_dim] or a
-        ``(features, logits)`` tuple (features first; float of any dtype). It runs in eval mode
+        each sample's dataset index, as the training loop's): ``x`` [B, ...] the teacher's input,
+        ``index`` [B] int32/int64 dataset rows; ``y`` and any further items (CRD's ``contrast_idx``)
+        are not used. Each batch is moved to the loss's device. ``teacher(x)`` returns features
+        [B, teacher_dim] (any float dtype) or a ``(features, logits)`` tuple. It runs in eval mode
         without gradients, and every module's train/eval flag is restored after (also after an
         error). The rows written are exact (:meth:`prefill`): a memory bank gets row ``index`` of
         every sample seen, a queue the last ``num_negatives`` samples; in-batch negatives store
