@@ -131,6 +131,27 @@ def check_option(name: str, value: object, options: Sequence[str]) -> str:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A Python bool (not an int, not a numpy bool); returned as is."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_backend_name(backend: object) -> str | None:
+    """A ``backend=`` argument: None (the current selection), "auto" or a registered backend name,
+    checked when the loss or attack is built rather than at its first call."""
+    if backend is None or backend == "auto":
+        return backend  # type: ignore[return-value]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    # imported here: the registry imports only torch, but this module stays a leaf at import time
+    from . import backends
+
+    backends.unavailable_reason(backend)  # ValueError naming the known backends when unknown
+    return backend
+
+
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     """A Python or numpy integer (bools rejected), optionally >= ``minimum``; returned as int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

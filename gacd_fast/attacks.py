@@ -43,7 +43,8 @@ from torch import nn
 from . import _precision
 from . import functional as gf
 from ._checks import (
-    check_index_range, check_int, check_option, check_per_sample, check_real, check_tensor, reads_values,
+    check_backend_name, check_index_range, check_int, check_option, check_per_sample, check_real, check_tensor,
+    reads_values,
 )
 
 LossFn = Callable[[object, torch.Tensor], torch.Tensor]
@@ -139,7 +140,8 @@ class Attack(ABC):
         normalization: (mean, std) per channel applied inside the attack, or None.
         generator: torch.Generator for the random start and random target labels (reproducible
             attacks); None: the global RNG, as torchattacks.
-        backend: backend for the steps and the start (None: the current selection).
+        backend: backend for the steps and the start: None (the current selection), "auto" or a
+            registered name (checked here, as GACDLoss checks its own).
         precision: "fp32" (default), "bf16" or "fp16": the autocast dtype of the model's forward
             and backward (see the module docstring).
     """
@@ -179,7 +181,7 @@ class Attack(ABC):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self._unchecked_labels: torch.Tensor | None = None
         self.set_mode_default()
 

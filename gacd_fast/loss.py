@@ -2,32 +2,35 @@
 CRDLoss as one configuration of it (:meth:`GACDLoss.from_crd_opt`)."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import warnings
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _precision, backends, collectives
+from . import _precision, collectives
 from . import functional as gf
 from ._checks import (
     INDEX_DTYPES,
+    check_backend_name,
+    check_bool,
     check_int,
     check_option,
+    check_real,
     check_same_device,
     check_temperature,
     check_tensor,
 )
-from .memory import BatchNegatives, FeatureQueue, MemoryBank, NegativeBank
-from .ops.reference import NORM_EPS
+from ._numerics import NORM_EPS
+from .attacks import model_mode
+from .memory import BANK_DTYPES, BANKS
 from .weighting import WEIGHTINGS, teacher_weights
 
-BANKS = ("memory", "queue", "batch")  # the bank kinds (``bank=``, ``NegativeBank.kind``)
 CRITICS = ("infonce", "nce", "crd_nce")
 TEACHER_HEADS = ("frozen", "train")
 CRD_EPS = 1e-7  # RepDistiller's ContrastLoss adds it to every denominator
 CRD_OPTIONS = ("s_dim", "t_dim", "feat_dim", "nce_k", "nce_t", "nce_m", "n_data")  # read by from_crd_opt
-BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # ``bank_dtype=``: the stored rows' dtype
 
 
 class Embed(nn.Module):
@@ -110,7 +113,9 @@ class GACDLoss(nn.Module):
     Forward: ``loss(f_s, f_t, index=None, contrast_index=None, *, teacher_logits=None,
     targets=None, weights=None, update_bank=None)``. ``loss(f_s, f_t, idx, contrast_idx)`` is
     RepDistiller's CRDLoss call. The bank is updated after the loss when ``update_bank`` (default:
-    ``self.training``); keep it False while crafting attacks.
+    ``self.training``); keep it False while crafting attacks. Fill a memory or queue bank before
+    training with :meth:`prefill_from` (or :meth:`prefill`); the first training call on an unfilled
+    one warns once (with the frozen teacher head).
     """
 
     def __init__(
@@ -139,13 +144,13 @@ class GACDLoss(nn.Module):
         check_int("embed_dim", embed_dim, minimum=1)
         self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
         self.temperature = check_temperature(temperature)
-        check_option("bank", bank, BANKS)
+        check_option("bank", bank, tuple(BANKS))
         self.teacher_head = check_option("teacher_head", teacher_head, TEACHER_HEADS)
         self.weighting = check_option("weighting", weighting, WEIGHTINGS)
         self.critic = check_option("critic", critic, CRITICS)
         self.reduction = check_option("reduction", reduction, gf.REDUCTIONS)
         self.symmetric = check_bool("symmetric", symmetric)
-        self.backend = _check_backend_name(backend)
+        self.backend = check_backend_name(backend)
         if distributed is not None and not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
         self.across_ranks = distributed  # None: decided per call (whether a process group is initialised)
@@ -165,9 +170,13 @@ class GACDLoss(nn.Module):
         if bank == "batch" and bank_dtype != "fp32":
             raise ValueError(f"bank_dtype={bank_dtype!r} needs a bank that stores rows ('memory' or 'queue'); "
                              "bank='batch' stores none")
-        self.bank_t = _make_bank(bank, num_data, embed_dim, momentum, self.num_negatives, rows_dtype)  # teacher embeddings
-        self.bank_s = (_make_bank(bank, num_data, embed_dim, momentum, self.num_negatives, rows_dtype)
-                       if symmetric else None)
+        options = dict(num_data=num_data, dim=embed_dim, momentum=momentum, num_negatives=self.num_negatives,
+                       dtype=rows_dtype)
+        # CRD's order (memory_v1, the student's rows, first), so that a seeded run draws CRD's memories
+        bank_s = BANKS[bank].from_options(**options) if symmetric else None  # student embeddings
+        self.bank_t = BANKS[bank].from_options(**options)  # teacher embeddings
+        self.bank_s = bank_s
+        self._checked_fill = False  # whether the first training call looked at the bank's fill
         if critic == "crd_nce":  # CRD's Z per term: [student query vs bank_t, teacher query vs bank_s]
             self.register_buffer("crd_z", torch.full((2,), -1.0))
 
@@ -180,6 +189,11 @@ class GACDLoss(nn.Module):
         configuration: ``critic="crd_nce", symmetric=True, bank="memory", teacher_head="train",
         weighting="none"``. ``overrides`` replace any of these or set other options; GACD's
         reweighting is ``weighting="confidence"`` (then pass ``teacher_logits`` and ``targets``).
+        ``nce_t`` and ``nce_m`` are rounded to float32, as CRD's ContrastMemory keeps them (its
+        ``params`` buffer): the module uses CRD's values of tau and momentum. The heads
+        and the memories are created in CRDLoss's order (``embed_s``, ``embed_t``, the student's
+        memory_v1 = ``bank_s``, the teacher's memory_v2 = ``bank_t``), so under the same seed the
+        module starts from CRDLoss's weights and memories.
         One difference remains: with ``contrast_idx=None`` the negatives drawn never include the
         sample's own row (CRDLoss's draw may); RepDistiller's loaders pass ``contrast_idx``.
         """
@@ -187,7 +201,8 @@ class GACDLoss(nn.Module):
         if missing:
             raise TypeError(f"opt must carry RepDistiller's CRD options {list(CRD_OPTIONS)}; "
                             f"{type(opt).__name__} lacks {missing}")
-        crd = dict(embed_dim=opt.feat_dim, num_negatives=opt.nce_k, temperature=opt.nce_t, momentum=opt.nce_m,
+        tau, momentum = (_as_float32(name, getattr(opt, name)) for name in ("nce_t", "nce_m"))
+        crd = dict(embed_dim=opt.feat_dim, num_negatives=opt.nce_k, temperature=tau, momentum=momentum,
                    critic="crd_nce", symmetric=True, bank="memory", teacher_head="train", weighting="none")
         return cls(opt.s_dim, opt.t_dim, opt.n_data, **{**crd, **overrides})
 
@@ -206,6 +221,35 @@ class GACDLoss(nn.Module):
         check_tensor("f_t", f_t, min_ndim=2)
         t = self.embed_t(f_t.to(self.embed_t.linear.weight.dtype))
         self.bank_t.prefill(t, index)
+
+    @torch.no_grad()
+    def prefill_from(self, teacher: nn.Module, loader: Iterable[Any]) -> None:
+        """Fill the bank with ``teacher``'s embeddings of a whole pass over ``loader``, before training.
+
+        ``loader`` yields batches ``(x, y, index, ...)`` (a DataLoader over a dataset that returns
+        each sample's dataset index, as the training loop's): ``x`` [B, ...] the teacher's input,
+        ``index`` [B] int32/int64 dataset rows; ``y`` and any further items (CRD's ``contrast_idx``)
+        are not used. Each batch is moved to the loss's device. ``teacher(x)`` returns features
+        [B, teacher_dim] (any float dtype) or a ``(features, logits)`` tuple. It runs in eval mode
+        without gradients, and every module's train/eval flag is restored after (also after an
+        error). The rows written are exact (:meth:`prefill`): a memory bank gets row ``index`` of
+        every sample seen, a queue the last ``num_negatives`` samples; in-batch negatives store
+        nothing (no pass is made). The student's bank of ``symmetric=True`` is not filled. Under
+        torch.distributed give every rank the whole training set (not its shard), so the banks
+        stay identical on every rank.
+        """
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        if self.bank_t.rows_dtype is None:
+            return
+        device = self.embed_t.linear.weight.device
+        with model_mode(teacher, "eval"):
+            for number, batch in enumerate(loader):
+                if not isinstance(batch, (tuple, list)) or len(batch) < 3:
+                    raise ValueError(f"loader must yield (x, y, index, ...) batches; batch {number} is "
+                                     f"{_describe(batch)}")
+                out = teacher(batch[0].to(device))
+                self.prefill(out[0] if isinstance(out, (tuple, list)) else out, batch[2].to(device))
 
     def forward(
         self,
@@ -250,6 +294,7 @@ class GACDLoss(nn.Module):
         loss = self._reduced_loss(terms, weights, dist_on)
         if self.training if update_bank is None else update_bank:
             self._update_banks(s, t, index, dist_on)
+            self._warn_if_unfilled()
         return loss
 
     # -- the steps of forward, in order -----------------------------------------------------
@@ -379,6 +424,21 @@ class GACDLoss(nn.Module):
             sum_and_count = collectives.all_reduce_sum(sum_and_count)
         return sum_and_count[0] / sum_and_count[1]
 
+    def _warn_if_unfilled(self) -> None:
+        """Once per loss: a UserWarning when training starts on a memory or queue bank that still
+        holds its random initial rows with the frozen teacher head (its first negatives are then
+        noise; prefill fixes that). CRD's trained head (``teacher_head="train"``) starts from random
+        rows by design. Host-side only: skipped while torch.compile traces."""
+        if torch.compiler.is_compiling() or self._checked_fill:
+            return
+        self._checked_fill = True
+        if self.teacher_head == "frozen" and self.bank_t.rows_dtype is not None and not self.bank_t.filled:
+            warnings.warn(
+                f"GACDLoss starts training with an unfilled {self.bank_t.kind} bank: its negatives are random "
+                "rows until training overwrites them, which was measured to weaken the distilled features. "
+                "Fill it first: crit.prefill_from(teacher, loader) (or crit.prefill(f_t, index))",
+                UserWarning, stacklevel=2)
+
     def _update_banks(self, s: torch.Tensor, t: torch.Tensor, index, dist_on: bool) -> None:
         """Remember this batch: teacher embeddings in bank_t, student embeddings in bank_s. Both are
         checked before either is written, so a refused row (NaN, inf) leaves the banks in step."""
@@ -390,25 +450,13 @@ class GACDLoss(nn.Module):
             self.bank_s.update(s.detach(), index, dist_on=dist_on)
 
 
-def _make_bank(kind: str, num_data: int | None, dim: int, momentum: float, num_negatives: int,
-               dtype: torch.dtype = torch.float32) -> NegativeBank:
-    """A bank of ``kind`` (one of BANKS) for ``dim``-wide embeddings, storing ``dtype`` rows."""
-    if kind == "memory":
-        return MemoryBank(num_data, dim, momentum, num_negatives, dtype=dtype)
-    return FeatureQueue(num_negatives, dim, dtype=dtype) if kind == "queue" else BatchNegatives()
+def _as_float32(name: str, value: object) -> float:
+    """``value`` rounded to float32 and back (CRD keeps nce_t and nce_m in a float32 buffer)."""
+    return float(torch.tensor(check_real(f"opt.{name}", value), dtype=torch.float32))
 
 
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _check_backend_name(backend: object) -> str | None:
-    """None, "auto" or a registered backend name (checked now, not at the first forward)."""
-    if backend is None or backend == "auto":
-        return backend  # type: ignore[return-value]
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    backends.unavailable_reason(backend)  # ValueError naming the known backends when unknown
-    return backend
+def _describe(batch: object) -> str:
+    """A short description of a loader's batch for an error message."""
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    return f"a {type(batch).__name__}"

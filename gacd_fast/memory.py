@@ -17,6 +17,9 @@ small next to a training step's forward and backward.
 
 Under torch.distributed every rank stores every rank's rows, in rank order, so the banks stay
 identical on every rank and N processes compute what one process does on the global batch.
+
+:data:`BANKS` maps each kind's name to its class; GACDLoss's ``bank=`` and the CLI's ``--bank``
+choices derive from it, and :meth:`NegativeBank.from_options` builds any kind from GACDLoss's options.
 """
 from __future__ import annotations
 
@@ -36,8 +39,10 @@ from ._checks import (
     check_tensor,
     reads_values,
 )
-from ._numerics import acc_dtype
-from .ops.reference import NORM_EPS
+from ._numerics import NORM_EPS, acc_dtype
+
+#: ``bank_dtype=`` names -> the stored rows' dtype (memory and queue banks)
+BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class NegativeBank(nn.Module):
@@ -47,6 +52,21 @@ class NegativeBank(nn.Module):
     kind = ""
     #: whether :meth:`negatives` needs the samples' dataset indices
     needs_index = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # True once rows were written by prefill or loaded from a state dict (a resumed run): no
+        # longer the random start. A plain attribute, so checkpoints keep their keys.
+        self.filled = False
+        self.register_load_state_dict_post_hook(_mark_filled)
+
+    @classmethod
+    def from_options(cls, *, num_data: int | None, dim: int, momentum: float, num_negatives: int,
+                     dtype: torch.dtype) -> "NegativeBank":
+        """This kind for ``dim``-wide embeddings from GACDLoss's options (each kind takes the ones
+        it uses): ``num_data`` rows, ``momentum``, ``num_negatives`` (sampled rows or queue length),
+        ``dtype`` of the stored rows."""
+        raise NotImplementedError
 
     @property
     def rows_dtype(self) -> torch.dtype | None:
@@ -108,9 +128,14 @@ class NegativeBank(nn.Module):
         return values, collectives.all_gather_rows(index) if index is not None else None
 
 
+def _mark_filled(bank: NegativeBank, _incompatible_keys: object) -> None:
+    """load_state_dict post-hook: loaded rows are a checkpoint's, not the random start."""
+    bank.filled = True
+
+
 def _rows_dtype(dtype: object) -> torch.dtype:
-    """The stored rows' dtype: float32 or bfloat16."""
-    if dtype not in (torch.float32, torch.bfloat16):
+    """The stored rows' dtype: float32 or bfloat16 (:data:`BANK_DTYPES`)."""
+    if dtype not in BANK_DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16 (the stored rows), got {dtype!r}")
     return dtype  # type: ignore[return-value]
 
@@ -137,6 +162,10 @@ class MemoryBank(NegativeBank):
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         stdv = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("rows", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv).to(_rows_dtype(dtype)))
+
+    @classmethod
+    def from_options(cls, *, num_data, dim, momentum, num_negatives, dtype):
+        return cls(num_data, dim, momentum, num_negatives, dtype=dtype)
 
     @property
     def num_data(self) -> int:
@@ -203,6 +232,7 @@ class MemoryBank(NegativeBank):
         v, index = self._rows_and_index("prefill", keys, index)
         unit = F.normalize(v.to(acc_dtype(self.rows.dtype)), dim=1, eps=NORM_EPS)
         self.rows = self.rows.index_copy(0, index, unit.to(self.rows.dtype))
+        self.filled = True
 
 
 class FeatureQueue(NegativeBank):
@@ -220,6 +250,10 @@ class FeatureQueue(NegativeBank):
         check_int("dim", dim, minimum=1)
         self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1).to(_rows_dtype(dtype)))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_options(cls, *, num_data, dim, momentum, num_negatives, dtype):
+        return cls(num_negatives, dim, dtype=dtype)
 
     def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
         return self.rows, None
@@ -241,6 +275,7 @@ class FeatureQueue(NegativeBank):
 
     def prefill(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
         self.enqueue(keys)
+        self.filled = True
 
 
 class BatchNegatives(NegativeBank):
@@ -248,6 +283,10 @@ class BatchNegatives(NegativeBank):
     torch.distributed, gathered with gradients so that each rank's keys get theirs back)."""
 
     kind = "batch"
+
+    @classmethod
+    def from_options(cls, *, num_data, dim, momentum, num_negatives, dtype):
+        return cls()
 
     def negatives(self, keys, index=None, *, contrast_index=None, dist_on=False, generator=None):
         batch = keys.shape[0]
@@ -258,3 +297,7 @@ class BatchNegatives(NegativeBank):
         own = torch.arange(offset, offset + batch, device=keys.device)[:, None]
         others = torch.arange(total - 1, device=keys.device)[None, :].expand(batch, -1)
         return all_keys, others + (others >= own).long()
+
+
+#: the bank kinds by name (GACDLoss's ``bank=``, the CLI's ``--bank``), each class keyed by its ``kind``
+BANKS: dict[str, type[NegativeBank]] = {bank.kind: bank for bank in (MemoryBank, FeatureQueue, BatchNegatives)}

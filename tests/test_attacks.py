@@ -214,6 +214,20 @@ def test_pgd_bad_arguments(kwargs, exc, match):
         PGD(TinyNet(), **kwargs)
 
 
+@pytest.mark.parametrize("backend,exc,match", [
+    ("fast", ValueError, r"unknown backend 'fast'; known backends: \["),
+    (3, TypeError, "backend must be a str or None, got int"),
+])
+def test_attack_backend_is_checked_when_built_like_gacd_loss(backend, exc, match):
+    """An unknown backend= is refused when the attack is built (it was stored unchecked and failed
+    at the first step), with GACDLoss's error."""
+    for build in (lambda: PGD(TinyNet(), backend=backend), lambda: FGSM(TinyNet(), backend=backend),
+                  lambda: gacd_fast.GACDLoss(4, 4, num_data=10, backend=backend)):
+        with pytest.raises(exc, match=match):
+            build()
+    assert PGD(TinyNet(), backend="auto").backend == "auto" and PGD(TinyNet()).backend is None
+
+
 def test_pgd_bad_calls():
     atk = PGD(TinyNet(), steps=1)
     x, y = images(3), torch.randint(4, (3,))

@@ -1,5 +1,8 @@
 """The negative-bank interface (gacd_fast.memory) and how GACDLoss uses it: each kind learns on a
 tiny problem, prefill is exact, stored rows are validated (nothing written on a bad call)."""
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,8 +168,120 @@ def test_batch_negatives_store_nothing():
     assert not list(b.buffers())
 
 
-def test_cli_choices_match_the_loss():
+def test_the_bank_registry_is_the_one_source_of_kinds():
+    """BANKS (memory.py) holds the classes; GACDLoss's bank= and the CLI's --bank derive from it."""
     from gacd_fast.distill import config
-    from gacd_fast.loss import BANKS, TEACHER_HEADS
+    from gacd_fast.memory import BANKS
 
-    assert config.BANK_CHOICES == BANKS and config.TEACHER_HEAD_CHOICES == TEACHER_HEADS
+    assert BANKS == {"memory": MemoryBank, "queue": FeatureQueue, "batch": BatchNegatives}
+    assert all(cls.kind == kind for kind, cls in BANKS.items())
+    assert config.BANK_CHOICES == tuple(BANKS)
+    with pytest.raises(ValueError, match=r"bank must be one of \['memory', 'queue', 'batch'\], got 'ring'"):
+        GACDLoss(6, 5, num_data=20, bank="ring")
+    for kind, cls in BANKS.items():
+        bank = cls.from_options(num_data=20, dim=4, momentum=0.5, num_negatives=7, dtype=torch.bfloat16)
+        assert type(bank) is cls and bank.rows_dtype in (None, torch.bfloat16)
+    assert BANKS["queue"].from_options(num_data=None, dim=4, momentum=0.5, num_negatives=7,
+                                       dtype=torch.float32).rows.shape == (7, 4)
+
+
+class FeaturesAndLogits(torch.nn.Module):
+    """A (features, logits) teacher with dropout and BatchNorm, so eval mode matters."""
+
+    def __init__(self, dim_in: int = 6, width: int = 5) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(dim_in, width), torch.nn.BatchNorm1d(width),
+                                        torch.nn.Dropout(0.5))
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, self.head(f)
+
+
+def _loader(x, batch=4):
+    """(x, y, index) batches over ``x``, as a training loop's loader yields them."""
+    n = x.shape[0]
+    return [(x[i:i + batch], torch.zeros(min(batch, n - i), dtype=torch.long), torch.arange(i, min(i + batch, n)))
+            for i in range(0, n, batch)]
+
+
+@pytest.mark.parametrize("bank", BANK_KINDS)
+def test_prefill_from_writes_the_teachers_embeddings_of_the_loader(bank):
+    torch.manual_seed(0)
+    n = 10
+    x = torch.randn(n, 6)
+    teacher = FeaturesAndLogits()
+    teacher.train()
+    teacher.body[1].eval()  # a mixed state, restored module by module
+    crit = GACDLoss(4, 5, num_data=n, embed_dim=3, num_negatives=4, bank=bank, weighting="none")
+    crit.prefill_from(teacher, _loader(x))
+    assert teacher.training and teacher.body[0].training and not teacher.body[1].training
+    with torch.no_grad():
+        teacher.eval()
+        want = crit.embed_t(teacher(x)[0])
+    if bank == "memory":
+        torch.testing.assert_close(crit.bank_t.rows, want)
+    elif bank == "queue":  # the last num_negatives samples, in order
+        torch.testing.assert_close(crit.bank_t.rows, want[-4:].roll(n % 4, 0))
+    assert crit.bank_t.filled == (bank != "batch")
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+
+def test_prefill_from_takes_a_features_only_teacher_and_moves_nothing_else():
+    teacher = torch.nn.Linear(6, 5)
+    crit = GACDLoss(4, 5, num_data=8, embed_dim=3, num_negatives=4, weighting="none")
+    x = torch.randn(8, 6)
+    crit.prefill_from(teacher, ((x[i:i + 3], None, torch.arange(i, min(i + 3, 8)), "contrast_idx") for i in (0, 3, 6)))
+    torch.testing.assert_close(crit.bank_t.rows, crit.embed_t(teacher(x)).detach())
+
+
+def test_prefill_from_refuses_bad_arguments():
+    crit = GACDLoss(4, 5, num_data=8, embed_dim=3, num_negatives=4, weighting="none")
+    with pytest.raises(TypeError, match="teacher must be a torch.nn.Module, got function"):
+        crit.prefill_from(lambda x: x, [])
+    with pytest.raises(ValueError, match=r"loader must yield \(x, y, index, \.\.\.\) batches; batch 0 is a tuple of 2"):
+        crit.prefill_from(torch.nn.Linear(6, 5), [(torch.randn(2, 6), torch.zeros(2))])
+    teacher = FeaturesAndLogits()
+    with pytest.raises(IndexError, match="index"):  # the bank's own check: rows out of range
+        crit.prefill_from(teacher, [(torch.randn(2, 6), None, torch.tensor([0, 8]))])
+    assert teacher.training, "restored after an error too"
+
+
+def _train_step(crit, n=6):
+    crit(torch.randn(3, 4), torch.randn(3, 5), torch.arange(3) % n)
+
+
+@pytest.mark.parametrize("bank", ["memory", "queue"])
+def test_an_unfilled_bank_warns_once_when_training_starts(bank):
+    crit = GACDLoss(4, 5, num_data=6, embed_dim=3, num_negatives=4, bank=bank, weighting="none")
+    crit.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_step(crit)  # no update outside training: no warning
+        crit(torch.randn(3, 4), torch.randn(3, 5), torch.arange(3), update_bank=False)
+    crit.train()
+    with pytest.warns(UserWarning, match=rf"unfilled {bank} bank.*crit.prefill_from\(teacher, loader\)") as record:
+        _train_step(crit)
+        _train_step(crit)
+    assert len([w for w in record if "unfilled" in str(w.message)]) == 1, "once per loss object"
+
+
+@pytest.mark.parametrize("how", ["prefill_from", "prefill", "load_state_dict", "batch bank", "crd", "train head"])
+def test_a_filled_bank_or_a_bank_without_rows_does_not_warn(how):
+    kwargs = dict(num_data=6, embed_dim=3, num_negatives=4, weighting="none")
+    if how == "crd":
+        crit = GACDLoss.from_crd_opt(SimpleNamespace(s_dim=4, t_dim=5, feat_dim=3, nce_k=4, nce_t=0.07, nce_m=0.5,
+                                                     n_data=6))
+    else:
+        crit = GACDLoss(4, 5, bank="batch" if how == "batch bank" else "memory",
+                        teacher_head="train" if how == "train head" else "frozen", **kwargs)
+    if how == "prefill_from":
+        crit.prefill_from(torch.nn.Linear(6, 5), _loader(torch.randn(6, 6)))
+    elif how == "prefill":
+        crit.prefill(torch.randn(6, 5), torch.arange(6))
+    elif how == "load_state_dict":  # a resumed run's bank
+        crit.load_state_dict(GACDLoss(4, 5, **kwargs).state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_step(crit)

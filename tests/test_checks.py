@@ -89,3 +89,14 @@ def test_value_checks_can_be_switched_off_but_shape_checks_stay():
         gacd_fast.info_nce(q, q[:3], n)
     with pytest.raises(TypeError, match="enabled"):
         gacd_fast.set_value_checks("no")
+
+
+def test_check_bool_lives_with_the_other_checks():
+    from gacd_fast._checks import check_bool
+
+    assert check_bool("symmetric", True) is True
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match=rf"symmetric must be a bool, got {bad!r}"):
+            check_bool("symmetric", bad)
+    with pytest.raises(TypeError, match="symmetric must be a bool, got 1 \\(int\\)"):
+        gacd_fast.GACDLoss(4, 4, num_data=10, symmetric=1)

@@ -35,33 +35,39 @@ class CRDEmbed(nn.Module):
 
 class CRDMemory(nn.Module):
     """memory_v1 (student rows), memory_v2 (teacher rows), U(-stdv, stdv) with
-    stdv = 1/sqrt(dim/3); z = [Z_v1, Z_v2], -1 until the first batch sets them."""
+    stdv = 1/sqrt(dim/3), drawn in that order; params = [K, tau, Z_v1, Z_v2, momentum] in one
+    float32 buffer (so tau and momentum are float32 values), Z -1 until the first batch sets it."""
 
     def __init__(self, dim: int, n_data: int, k: int, tau: float, momentum: float) -> None:
         super().__init__()
-        self.k, self.tau, self.momentum = k, tau, momentum
+        self.k = k
+        self.register_buffer("params", torch.tensor([k, tau, -1.0, -1.0, momentum]))
         stdv = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("memory_v1", torch.rand(n_data, dim) * (2 * stdv) - stdv)
         self.register_buffer("memory_v2", torch.rand(n_data, dim) * (2 * stdv) - stdv)
-        self.register_buffer("z", torch.tensor([-1.0, -1.0]))
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self.params[2:4]
 
     def forward(self, v1, v2, y, contrast_idx=None):
         n_data, dim = self.memory_v1.shape
         b = v1.shape[0]
+        tau, momentum = self.params[1].item(), self.params[4].item()
         if contrast_idx is None:
             contrast_idx = torch.randint(n_data, (b, self.k + 1))
             contrast_idx[:, 0] = y
         w1 = self.memory_v1[contrast_idx.reshape(-1)].detach().view(b, self.k + 1, dim)
-        out_v2 = torch.exp(torch.bmm(w1, v2.view(b, dim, 1)) / self.tau)
+        out_v2 = torch.exp(torch.bmm(w1, v2.view(b, dim, 1)) / tau)
         w2 = self.memory_v2[contrast_idx.reshape(-1)].detach().view(b, self.k + 1, dim)
-        out_v1 = torch.exp(torch.bmm(w2, v1.view(b, dim, 1)) / self.tau)
+        out_v1 = torch.exp(torch.bmm(w2, v1.view(b, dim, 1)) / tau)
         for i, out in enumerate((out_v1, out_v2)):
             if self.z[i] < 0:
-                self.z[i] = out.mean().detach() * n_data
+                self.params[2 + i] = out.mean().detach() * n_data
         out_v1, out_v2 = out_v1 / self.z[0], out_v2 / self.z[1]
         with torch.no_grad():
             for memory, v in ((self.memory_v1, v1), (self.memory_v2, v2)):
-                mixed = memory[y] * self.momentum + v * (1 - self.momentum)
+                mixed = memory[y] * momentum + v * (1 - momentum)
                 memory.index_copy_(0, y, mixed / mixed.pow(2).sum(1, keepdim=True).pow(0.5))
         return out_v1.view(b, -1), out_v2.view(b, -1)
 
@@ -158,6 +164,34 @@ def test_from_crd_opt_equals_crd_over_steps(dtype):
     z_first = twins(dtype)[1]
     z_first(*batch(0, dtype))
     assert torch.equal(ours.crd_z, z_first.crd_z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_seeded_run_reproduces_crds_run(dtype):
+    """No weights copied: under the same seed from_crd_opt draws CRDLoss's heads and memories (CRD's
+    order: embed_s, embed_t, memory_v1 = the student's bank_s, memory_v2 = the teacher's bank_t), so
+    the first loss and every later step are CRD's (the memories once came out swapped: 12.370 vs
+    12.182 on RepDistiller's first batch)."""
+    torch.manual_seed(0)
+    crd = CRDLoss(OPT).to(dtype)
+    torch.manual_seed(0)
+    ours = GACDLoss.from_crd_opt(OPT).to(dtype)
+    assert torch.equal(ours.bank_s.rows, crd.contrast.memory_v1), "student memory (CRD's memory_v1)"
+    assert torch.equal(ours.bank_t.rows, crd.contrast.memory_v2), "teacher memory (CRD's memory_v2)"
+    for name, p_crd in crd.named_parameters():
+        assert torch.equal(ours.get_parameter(name), p_crd), name
+    for step in range(STEPS):
+        step_and_compare(crd, ours, *batch(step, dtype), dtype, f"seeded step {step}")
+
+
+def test_tau_and_momentum_are_crds_float32_values():
+    """CRD keeps nce_t and nce_m in a float32 buffer; from_crd_opt rounds them the same way."""
+    opt = SimpleNamespace(**{**vars(OPT), "nce_m": 0.9})
+    ours, crd = GACDLoss.from_crd_opt(opt), CRDMemory(opt.feat_dim, opt.n_data, opt.nce_k, opt.nce_t, opt.nce_m)
+    assert ours.temperature == crd.params[1].item() != 0.07
+    assert ours.bank_t.momentum == ours.bank_s.momentum == crd.params[4].item() != 0.9
+    with pytest.raises(TypeError, match="opt.nce_t must be a real number"):
+        GACDLoss.from_crd_opt(SimpleNamespace(**{**vars(OPT), "nce_t": "0.07"}))
 
 
 def test_without_contrast_idx_the_drawn_rows_give_crd_loss():

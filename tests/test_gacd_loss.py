@@ -134,7 +134,8 @@ def test_symmetric_and_nce_critic():
 def test_crd_drop_in_from_opt_and_flattening():
     opt = SimpleNamespace(s_dim=2 * 3 * 3, t_dim=14, feat_dim=8, nce_k=7, nce_t=0.1, nce_m=0.5, n_data=25)
     crit = GACDLoss.from_crd_opt(opt)  # CRD's configuration: weighting="none", no teacher logits needed
-    assert crit.temperature == 0.1 and crit.num_negatives == 7 and crit.critic == "crd_nce"
+    # tau as CRD holds it: float32 (tests/test_crd_equality.py)
+    assert crit.temperature == float(torch.tensor(0.1)) and crit.num_negatives == 7 and crit.critic == "crd_nce"
     f_s = torch.randn(4, 2, 3, 3, requires_grad=True)  # CRD's Embed flattens
     loss = crit(f_s, torch.randn(4, 14), torch.tensor([1, 2, 3, 4]), torch.randint(25, (4, 8)))
     loss.backward()

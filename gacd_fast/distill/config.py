@@ -15,6 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .._precision import PRECISIONS
+from ..loss import TEACHER_HEADS
+from ..memory import BANK_DTYPES, BANKS
 from .atomic import atomic_write_text
 from .external_teacher import check_options as check_teacher_source
 from .method_registry import STUDENT_METHODS, TEACHER_METHODS, demo_students, method_help
@@ -24,10 +27,11 @@ MODEL_CHOICES = ("small_cnn_teacher", "small_cnn_student", "small_cnn_teacher_st
 # The method choices are the registries' live key views: a method registered later is accepted too.
 STUDENT_CHOICES = STUDENT_METHODS.keys()
 TEACHER_METHOD_CHOICES = TEACHER_METHODS.keys()
-BANK_CHOICES = ("memory", "queue", "batch")  # = gacd_fast.loss.BANKS, repeated so that parsing options imports no torch
-TEACHER_HEAD_CHOICES = ("frozen", "train")  # = gacd_fast.loss.TEACHER_HEADS (tests/test_banks.py checks both)
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # = gacd_fast._precision.PRECISIONS (tests/test_precision_pipeline.py checks)
-BANK_DTYPE_CHOICES = ("fp32", "bf16")  # = gacd_fast.loss.BANK_DTYPES' keys
+# The library's own option names (the option layer imports torch through the method registry anyway)
+BANK_CHOICES = tuple(BANKS)  # the bank classes' kinds
+TEACHER_HEAD_CHOICES = TEACHER_HEADS
+PRECISION_CHOICES = PRECISIONS
+BANK_DTYPE_CHOICES = tuple(BANK_DTYPES)
 
 T = TypeVar("T")
 

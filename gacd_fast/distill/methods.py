@@ -65,7 +65,7 @@ class Method(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, inputs: MethodInputs) -> Method:
-        """The factory :mod:`.method_registry` names: this method from ``cfg`` (the resolved
+        """The factory registered in :mod:`.method_registry`: this method from ``cfg`` (the resolved
         TeacherConfig or DistillConfig) and ``inputs``. A method with no option of its own needs no
         override."""
         return cls()
@@ -435,8 +435,7 @@ class GACD(Distill):
     def prepare(self, train: Any, device: torch.device | str) -> None:
         if not self.prefill:
             return
-        for x, _, index in iterate(train, 512, device=device):
-            self.criterion.prefill(self.teacher_out(x)[0], index)
+        self.criterion.prefill_from(self.teacher, iterate(train, 512, device=device))
 
     def step(self, model, x, y, index):
         f_t, logit_t = self.teacher_out(x)
