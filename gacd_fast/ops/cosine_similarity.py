@@ -4,13 +4,10 @@ from __future__ import annotations
 import torch
 
 from .._numerics import acc_dtype
-from .contract import CompiledOp, check_like, check_rows, first_order_only
+from .contract import CompiledOp, Op, check_like, check_rows, first_order_only, second_order_error
 from .norms import unit_rows
 
-SECOND_ORDER_ERROR = (
-    "second-order gradients (create_graph=True) through cosine_similarity are supported only by the torch "
-    "backend"
-)
+SECOND_ORDER_ERROR = second_order_error("cosine_similarity")
 
 
 def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,9 +43,4 @@ FORWARD = CompiledOp("cosine_similarity", "(Tensor a, Tensor b) -> Tensor", _fak
 # (d a, d b) in the inputs' dtypes, from ``grad`` [B] (the output's dtype).
 BACKWARD = CompiledOp("cosine_similarity_backward", "(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)",
                       _fake_backward)
-OPS = (FORWARD, BACKWARD)
-
-
-def compiled(namespace: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B, D], [B, D] -> [B] cosines from ``namespace``'s compiled ops."""
-    return FORWARD.resolve(namespace)(a, b)
+OP = Op("cosine_similarity", "cosine_similarity", reference, compiled=(FORWARD, BACKWARD))

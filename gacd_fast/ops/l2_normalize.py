@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .contract import CompiledOp, check_like, check_rows, first_order_only
+from .contract import CompiledOp, Op, check_like, check_rows, first_order_only, second_order_error
 from .norms import unit_rows
 
-SECOND_ORDER_ERROR = (
-    "second-order gradients (create_graph=True) through l2_normalize are supported only by the torch backend"
-)
+SECOND_ORDER_ERROR = second_order_error("l2_normalize")
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:
@@ -41,9 +39,4 @@ def _backward(namespace: str, ctx, grad):
 FORWARD = CompiledOp("l2_normalize", "(Tensor x) -> Tensor", _fake, _backward, _setup_context)
 # d x [N, D] in x's dtype, from the output's gradient ``grad`` [N, D] (x's dtype).
 BACKWARD = CompiledOp("l2_normalize_backward", "(Tensor grad, Tensor x) -> Tensor", _fake_backward)
-OPS = (FORWARD, BACKWARD)
-
-
-def compiled(namespace: str, x: torch.Tensor) -> torch.Tensor:
-    """[N, D] -> [N, D] normalised rows from ``namespace``'s compiled ops."""
-    return FORWARD.resolve(namespace)(x)
+OP = Op("l2_normalize", "l2_normalize", reference, compiled=(FORWARD, BACKWARD))

@@ -1,11 +1,12 @@
-"""The PGD random start op: its definition and the Triton backend's fused linf start."""
+"""The PGD random start op: its definition and the Triton backend's fused linf start (the other
+backends run the reference: torch's RNG draws exactly torchattacks' start, one elementwise pass)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .contract import CompiledOp
+from .contract import CompiledOp, Op
 from .norms import per_sample
 from .pgd_step import split_scalar
 
@@ -40,11 +41,18 @@ def _fake_linf(x_nat, eps_t, eps, seed):
 
 
 # clamp(x_nat + U(-eps, eps), 0, 1), the noise keyed by (seed, flat element index).
-LINF_START = CompiledOp("linf_random_start", "(Tensor x_nat, Tensor? eps_t, float eps, int seed) -> Tensor",
+LINF_START = CompiledOp("pgd_random_start_linf", "(Tensor x_nat, Tensor? eps_t, float eps, int seed) -> Tensor",
                         _fake_linf)
 
 
-def compiled_linf(namespace: str, x_nat: torch.Tensor, eps: float | torch.Tensor, seed: int) -> torch.Tensor:
-    """The linf start by ``namespace``'s compiled op: a new tensor like ``x_nat`` [B, ...]."""
-    e_t, e = split_scalar(eps)
-    return LINF_START.resolve(namespace)(x_nat, e_t, e, int(seed))
+def _call(start, x_nat, eps, norm, generator):
+    """The linf start from the operator, keyed on a seed drawn from ``generator`` (so reproducible
+    for a given generator state): a new tensor like ``x_nat`` [B, ...]."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=device))
+    return start(x_nat, *split_scalar(eps), seed)
+
+
+OP = Op("pgd_random_start", "pgd_random_start", reference, compiled=(LINF_START,), call=_call,
+        compiled_when=lambda x_nat, eps, norm, generator: norm == "linf", compiled_in=("triton",),
+        torch_elsewhere=True)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .._numerics import acc_dtype
-from .contract import CompiledOp, check_like
+from .contract import CompiledOp, Op, check_like
 from .norms import per_sample, sample_norms
 
 
@@ -83,7 +83,6 @@ STEP = CompiledOp(
     "float clip_min, float clip_max, str norm) -> ()",
     _fake,
 )
-OPS = (STEP,)
 
 
 def split_scalar(v: float | torch.Tensor) -> tuple[Optional[torch.Tensor], float]:
@@ -91,23 +90,14 @@ def split_scalar(v: float | torch.Tensor) -> tuple[Optional[torch.Tensor], float
     return (v, 0.0) if isinstance(v, torch.Tensor) else (None, float(v))
 
 
-def compiled(
-    namespace: str,
-    x_adv: torch.Tensor,
-    grad: torch.Tensor,
-    x_nat: torch.Tensor,
-    alpha: float | torch.Tensor,
-    eps: float | torch.Tensor,
-    clip_min: float,
-    clip_max: float,
-    norm: str,
-) -> torch.Tensor:
-    """One step in place on ``x_adv`` [B, ...] by ``namespace``'s compiled op; returns ``x_adv``.
-    The op writes a contiguous tensor: a strided ``x_adv`` gets the result copied back."""
-    a_t, a = split_scalar(alpha)
-    e_t, e = split_scalar(eps)
+def _call(step, x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm):
+    """The step in place on ``x_adv`` through the operator, which writes a contiguous tensor: a
+    strided ``x_adv`` gets the result copied back."""
     target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
-    STEP.resolve(namespace)(target, grad, x_nat, a_t, a, e_t, e, float(clip_min), float(clip_max), norm)
+    step(target, grad, x_nat, *split_scalar(alpha), *split_scalar(eps), float(clip_min), float(clip_max), norm)
     if target is not x_adv:
         x_adv.copy_(target)
     return x_adv
+
+
+OP = Op("pgd_step", "pgd_step_", reference, compiled=(STEP,), call=_call)
