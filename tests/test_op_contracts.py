@@ -77,6 +77,12 @@ def test_every_backend_builds_its_entries_from_the_op(op):
         assert (ROOT / "csrc" / "cpu" / f"{op.name}.cpp").is_file() and (ROOT / "csrc" / "cuda" / f"{op.name}.cu").is_file()
 
 
+def test_every_op_a_compiled_backend_runs_has_a_first_use_check():
+    for op in reference.OPS:
+        if op.compiled_in or op.torch_elsewhere:
+            assert op.self_check is not None, op.name
+
+
 def test_backward_operators_are_named_after_their_op():
     for op in reference.OPS:
         for compiled in op.compiled:

@@ -72,6 +72,8 @@ class Op:
     compiled_in: the compiled backends with kernels for it.
     torch_elsewhere: whether a compiled backend without kernels for it runs ``torch`` (True) or
         leaves the op out (False: naming that backend for it is a NotImplementedError).
+    self_check: ``self_check(entry, device, dtype, (atol, rtol))``, the first-use check of a
+        backend's entry against the reference (``self_check.py``); None: the op is not checked.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Op:
     compiled_when: Optional[Callable[..., bool]] = None
     compiled_in: tuple[str, ...] = ("triton", "cext")
     torch_elsewhere: bool = False
+    self_check: Optional[Callable[..., None]] = None
 
 
 def second_order_error(op: str, where: str = "by the torch backend") -> str:

@@ -9,7 +9,7 @@ torch.compile.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +18,7 @@ from . import chunked
 from .chunked import SECOND_ORDER_ERROR
 from .contract import CompiledOp, Op, check_like, check_rows, first_order_only
 from .norms import l2_normalize
+from .self_check import SEED, Tolerance, compare, grads, leaves, rand
 
 
 def reference(
@@ -136,4 +137,27 @@ def _call(forward, query, positive, negatives, *rest):
     return forward(query, positive, negatives, *rest, compute_dq)[0]
 
 
-OP = Op("info_nce", "info_nce_rows", reference, torch=chunked.info_nce_rows, compiled=(FORWARD, BACKWARD), call=_call)
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    gen = torch.Generator().manual_seed(SEED)
+    B, K, D, M = 4, 9, 12, 5
+    temperature = 0.2  # moderate logits: the gradients stay O(10), where the tolerances mean what they say
+    q, p, n = (rand(gen, shape, device, dtype) for shape in ((B, D), (B, D), (K, D)))
+    idx = torch.randint(K, (B, M), generator=gen).to(device)
+    upstream = rand(gen, (B,), device, torch.float32, 0.5, 1.5)
+    # the variants the pipeline runs: a bank with and without gradient (memory/queue rows are
+    # constants), and a gathered bank (neg_index) with and without (memory bank; in-batch negatives)
+    for neg_index, bank_grad in ((None, True), (None, False), (idx, False), (idx, True)):
+        variant = f"info_nce_rows ({'neg_index' if neg_index is not None else 'shared bank'}, " \
+                  f"negatives {'with' if bank_grad else 'without'} grad)"
+        need = (True, True, bank_grad)
+        ours, refs = leaves([q, p, n], need)
+        got = fn(*ours, neg_index, temperature, True)
+        want = reference(*refs, neg_index, temperature, True)
+        compare(f"{variant}: loss", got, want, tol)
+        for name, g, w in zip(("d query", "d positive", "d negatives"),
+                              grads(got, ours, upstream), grads(want, refs, upstream)):
+            compare(f"{variant}: {name}", g, w, tol)
+
+
+OP = Op("info_nce", "info_nce_rows", reference, torch=chunked.info_nce_rows, compiled=(FORWARD, BACKWARD), call=_call,
+        self_check=_self_check)

@@ -2,13 +2,14 @@
 backends run the reference: torch's RNG draws exactly torchattacks' start, one elementwise pass)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .contract import CompiledOp, Op
 from .norms import per_sample
 from .pgd_step import split_scalar
+from .self_check import SEED, SelfCheckMismatch, Tolerance, rand
 
 
 def reference(
@@ -53,6 +54,23 @@ def _call(start, x_nat, eps, norm, generator):
     return start(x_nat, *split_scalar(eps), seed)
 
 
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """Random draws differ between backends by design: the start must lie in the eps-ball and [0, 1]."""
+    gen = torch.Generator().manual_seed(SEED)
+    x_nat = rand(gen, (3, 2, 5), device, dtype, 0.0, 1.0)
+    eps = 0.1
+    draw = torch.Generator(device=device).manual_seed(SEED)
+    got = fn(x_nat, eps, "linf", draw)
+    if tuple(got.shape) != tuple(x_nat.shape) or got.dtype != x_nat.dtype or got.device != x_nat.device:
+        raise SelfCheckMismatch(f"pgd_random_start: got {tuple(got.shape)} {got.dtype} on {got.device}, expected "
+                                f"{tuple(x_nat.shape)} {x_nat.dtype} on {x_nat.device}")
+    g, x = got.detach().to("cpu", torch.float64), x_nat.to("cpu", torch.float64)
+    atol = tol[0] + tol[1]
+    if not (bool(torch.isfinite(g).all()) and bool(((g - x).abs() <= eps + atol).all())
+            and bool((g >= -atol).all()) and bool((g <= 1 + atol).all())):
+        raise SelfCheckMismatch("pgd_random_start (linf): a start outside the eps-ball or [0, 1]")
+
+
 OP = Op("pgd_random_start", "pgd_random_start", reference, compiled=(LINF_START,), call=_call,
         compiled_when=lambda x_nat, eps, norm, generator: norm == "linf", compiled_in=("triton",),
-        torch_elsewhere=True)
+        torch_elsewhere=True, self_check=_self_check)

@@ -1,13 +1,14 @@
 """The PGD step op: its definition and the contract of its compiled backends."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._numerics import acc_dtype
 from .contract import CompiledOp, Op, check_like
 from .norms import per_sample, sample_norms
+from .self_check import SEED, Tolerance, compare, rand
 
 
 def l2_direction(grad: torch.Tensor) -> torch.Tensor:
@@ -100,4 +101,18 @@ def _call(step, x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm):
     return x_adv
 
 
-OP = Op("pgd_step", "pgd_step_", reference, compiled=(STEP,), call=_call)
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    gen = torch.Generator().manual_seed(SEED)
+    shape = (3, 2, 5)
+    x_nat = rand(gen, shape, device, dtype, 0.0, 1.0)
+    x_adv = (x_nat + rand(gen, shape, device, dtype, -0.05, 0.05)).clamp(0, 1)
+    grad = rand(gen, shape, device, dtype)
+    eps_t = rand(gen, (shape[0],), device, dtype, 0.02, 0.1)
+    for norm, alpha, eps in (("linf", 0.03, 0.06), ("l2", 0.1, eps_t)):
+        got = fn(x_adv.clone(), grad, x_nat, alpha, eps, 0.0, 1.0, norm)
+        want = reference(x_adv.to(torch.float64), grad.to(torch.float64), x_nat.to(torch.float64), alpha,
+                                 eps.to(torch.float64) if isinstance(eps, torch.Tensor) else eps, 0.0, 1.0, norm)
+        compare(f"pgd_step_ ({norm}): x_adv", got, want, tol)
+
+
+OP = Op("pgd_step", "pgd_step_", reference, compiled=(STEP,), call=_call, self_check=_self_check)
