@@ -46,7 +46,10 @@ FORWARD = CompiledOp("cosine_similarity", "(Tensor a, Tensor b) -> Tensor", _fak
 # (d a, d b) in the inputs' dtypes, from ``grad`` [B] (the output's dtype).
 BACKWARD = CompiledOp("cosine_similarity_backward", "(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)",
                       _fake_backward)
+
+
 def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: value and both gradients on a small batch of rows."""
     gen = torch.Generator().manual_seed(SEED)
     a, b = rand(gen, (5, 13), device, dtype), rand(gen, (5, 13), device, dtype)
     upstream = rand(gen, (5,), device, torch.float32)

@@ -138,6 +138,7 @@ def _call(forward, query, positive, negatives, *rest):
 
 
 def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: the four variants the pipeline runs, values and gradients."""
     gen = torch.Generator().manual_seed(SEED)
     B, K, D, M = 4, 9, 12, 5
     temperature = 0.2  # moderate logits: the gradients stay O(10), where the tolerances mean what they say

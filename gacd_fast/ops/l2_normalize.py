@@ -42,7 +42,10 @@ def _backward(namespace: str, ctx, grad):
 FORWARD = CompiledOp("l2_normalize", "(Tensor x) -> Tensor", _fake, _backward, _setup_context)
 # d x [N, D] in x's dtype, from the output's gradient ``grad`` [N, D] (x's dtype).
 BACKWARD = CompiledOp("l2_normalize_backward", "(Tensor grad, Tensor x) -> Tensor", _fake_backward)
+
+
 def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: value and gradient on a small batch of rows."""
     gen = torch.Generator().manual_seed(SEED)
     x = rand(gen, (5, 13), device, dtype)
     upstream = rand(gen, (5, 13), device, torch.float32)

@@ -102,6 +102,7 @@ def _call(step, x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm):
 
 
 def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: linf with scalars, l2 with a per-sample eps."""
     gen = torch.Generator().manual_seed(SEED)
     shape = (3, 2, 5)
     x_nat = rand(gen, shape, device, dtype, 0.0, 1.0)
@@ -111,7 +112,7 @@ def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tol
     for norm, alpha, eps in (("linf", 0.03, 0.06), ("l2", 0.1, eps_t)):
         got = fn(x_adv.clone(), grad, x_nat, alpha, eps, 0.0, 1.0, norm)
         want = reference(x_adv.to(torch.float64), grad.to(torch.float64), x_nat.to(torch.float64), alpha,
-                                 eps.to(torch.float64) if isinstance(eps, torch.Tensor) else eps, 0.0, 1.0, norm)
+                         eps.to(torch.float64) if isinstance(eps, torch.Tensor) else eps, 0.0, 1.0, norm)
         compare(f"pgd_step_ ({norm}): x_adv", got, want, tol)
 
 
