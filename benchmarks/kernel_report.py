@@ -6,8 +6,8 @@ their resources: registers, spill bytes, shared memory, tensor-core use of the S
                                        [--merge] [--no-cuda-ext]
 
 Triton kernels: triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) at every launch
-configuration the host code can choose (kernels/info_nce.py's tile tables, similarity's row tiles,
-pgd's blocks), for each input dtype, with the pointer alignment the runtime specialises on (torch
+configuration the host code can choose (kernels/info_nce.py's tile tables, _common's row tiles,
+pgd_step's and pgd_random_start's blocks), for each input dtype, with the pointer alignment the runtime specialises on (torch
 allocations are 16-byte aligned) and integer sizes unspecialised ("any D": the worst case).
 Resources come from ``cuobjdump --dump-resource-usage`` on the cubin, with the tools Triton's wheel
 ships, tensor cores from the PTX (mma / wgmma). C++/CUDA kernels: ``nvcc -Xptxas -v`` on
@@ -48,7 +48,7 @@ def _torch_dtype(name: str):
 def jobs() -> list[tuple]:
     """(module, kernel, dtype, config label, constexprs, data pointer names, num_warps, num_stages)."""
     import torch  # noqa: F401
-    from kernels import _common, info_nce as N, similarity as S
+    from kernels import _common, info_nce as N
     out = []
     bank_widths = [(d, d) for d in (16, 32, 64, 128, 256)] + [(300, N.LOOPED_BLOCK_D)]
     for dt in ("fp32", "tf32", "fp16", "bf16"):
@@ -57,8 +57,8 @@ def jobs() -> list[tuple]:
         dots = N.dot_types(tdt)
         for D, _ in bank_widths:
             res = D <= N.MAX_RESIDENT_D
-            for kind, kern, extra in (("fwd", "_fwd_bank_kernel", [dict(WITH_DQ=False)] + ([dict(WITH_DQ=True)] if res else [])),
-                                      ("dq", "_dq_bank_kernel", [{}]), ("dn", "_dn_bank_kernel", [{}])):
+            for kind, kern, extra in (("fwd", "_info_nce_fwd_bank_kernel", [dict(WITH_DQ=False)] + ([dict(WITH_DQ=True)] if res else [])),
+                                      ("dq", "_info_nce_bwd_dq_bank_kernel", [{}]), ("dn", "_info_nce_bwd_dn_bank_kernel", [{}])):
                 t = N.gpu_tile(kind, tdt, D)
                 for ex in extra:
                     cons = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=res, **dots, **ex)
@@ -71,36 +71,40 @@ def jobs() -> list[tuple]:
             base = dict(BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=res)
             lab = f"D={'<=' if res else '>'}{t.block_d if res else N.MAX_RESIDENT_D} N{t.block_n}D{t.block_d}"
             for ex in [dict(WITH_DQ=False)] + ([dict(WITH_DQ=True)] if res else []):
-                out.append(("info_nce", "_fwd_gather_kernel", dt, lab + (" WITH_DQ" if ex["WITH_DQ"] else ""),
+                out.append(("info_nce", "_info_nce_fwd_gather_kernel", dt, lab + (" WITH_DQ" if ex["WITH_DQ"] else ""),
                             {**base, **ex}, {"q_ptr", "n_ptr"}, t.num_warps, t.num_stages))
             for ex in (dict(WRITE_DQ=True, WRITE_COEF=False), dict(WRITE_DQ=False, WRITE_COEF=True)):
-                out.append(("info_nce", "_dq_gather_kernel", dt, lab + (" WRITE_DQ" if ex["WRITE_DQ"] else " WRITE_COEF"),
+                out.append(("info_nce", "_info_nce_bwd_dq_gather_kernel", dt, lab + (" WRITE_DQ" if ex["WRITE_DQ"] else " WRITE_COEF"),
                             {**base, **ex}, {"q_ptr", "n_ptr"}, t.num_warps, t.num_stages))
             st = N.segment_tile(D)
-            out.append(("info_nce", "_dn_segment_kernel", dt, f"D~{D} N{st.block_n}E{st.block_m}D{st.block_d}",
+            out.append(("info_nce", "_info_nce_bwd_dn_segment_kernel", dt, f"D~{D} N{st.block_n}E{st.block_m}D{st.block_d}",
                         dict(BLOCK_N=st.block_n, BLOCK_E=st.block_m, BLOCK_D=st.block_d,
                              ACC_PREC="ieee" if dt == "fp32" else "tf32"), {"q_ptr"}, st.num_warps, st.num_stages))
         if dt == "tf32":
             continue
         c = N.combine_tile(256, 8)
-        out.append(("info_nce", "_combine_kernel", dt, f"M{c.block_m}S{c.block_n}",
+        out.append(("info_nce", "_info_nce_fwd_combine_kernel", dt, f"M{c.block_m}S{c.block_n}",
                     dict(BLOCK_M=c.block_m, BLOCK_S=c.block_n), set(), c.num_warps, c.num_stages))
         for d in (64, 128, 256, 512):
-            br, bd = S.row_tile(d)
-            for kern, ptrs in (("_inv_norm_kernel", {"x_ptr"}), ("_normalize_fwd_kernel", {"x_ptr", "y_ptr"}),
-                               ("_normalize_bwd_kernel", {"x_ptr", "dx_ptr"}), ("_cosine_fwd_kernel", {"a_ptr", "b_ptr"}),
-                               ("_cosine_bwd_kernel", {"a_ptr", "b_ptr", "da_ptr", "db_ptr"})):
-                out.append(("similarity", kern, dt, f"R{br}D{bd}", dict(BLOCK_R=br, BLOCK_D=bd), ptrs, S.ROW_WARPS, S.ROW_STAGES))
-        # pgd (not tuned here): Triton's default 4 warps / 3 stages, as launched
-        out.append(("pgd", "_pgd_linf_kernel", dt, "BLOCK1024", dict(ALPHA_T=True, EPS_T=True, BLOCK=1024),
+            br, bd = _common.row_tile(d)
+            for module, kern, ptrs in (
+                    ("_common", "_row_inv_norm_kernel", {"x_ptr"}),
+                    ("l2_normalize", "_l2_normalize_fwd_kernel", {"x_ptr", "y_ptr"}),
+                    ("l2_normalize", "_l2_normalize_bwd_kernel", {"x_ptr", "dx_ptr"}),
+                    ("cosine_similarity", "_cosine_similarity_fwd_kernel", {"a_ptr", "b_ptr"}),
+                    ("cosine_similarity", "_cosine_similarity_bwd_kernel", {"a_ptr", "b_ptr", "da_ptr", "db_ptr"})):
+                out.append((module, kern, dt, f"R{br}D{bd}", dict(BLOCK_R=br, BLOCK_D=bd), ptrs, _common.ROW_WARPS,
+                            _common.ROW_STAGES))
+        # pgd_step, pgd_random_start (not tuned here): Triton's default 4 warps / 3 stages, as launched
+        out.append(("pgd_step", "_pgd_step_linf_kernel", dt, "BLOCK1024", dict(ALPHA_T=True, EPS_T=True, BLOCK=1024),
                     {"x_ptr", "g_ptr", "nat_ptr"}, 4, 3))
-        out.append(("pgd", "_linf_random_start_kernel", dt, "BLOCK1024", dict(EPS_T=True, BLOCK=1024),
+        out.append(("pgd_random_start", "_pgd_random_start_linf_kernel", dt, "BLOCK1024", dict(EPS_T=True, BLOCK=1024),
                     {"x_ptr", "out_ptr"}, 4, 3))
         for blk in (256, 2048):
             for ph in (0, 1, 2):
-                out.append(("pgd", "_l2_partial_kernel", dt, f"BLOCK{blk} PHASE{ph}", dict(PHASE=ph, BLOCK=blk),
+                out.append(("pgd_step", "_pgd_step_l2_partial_kernel", dt, f"BLOCK{blk} PHASE{ph}", dict(PHASE=ph, BLOCK=blk),
                             {"x_ptr", "g_ptr", "nat_ptr"}, 4, 3))
-            out.append(("pgd", "_l2_apply_kernel", dt, f"BLOCK{blk}", dict(BLOCK=blk), {"x_ptr", "g_ptr", "nat_ptr"}, 4, 3))
+            out.append(("pgd_step", "_pgd_step_l2_apply_kernel", dt, f"BLOCK{blk}", dict(BLOCK=blk), {"x_ptr", "g_ptr", "nat_ptr"}, 4, 3))
     _common.set_tf32(None)
     return out
 

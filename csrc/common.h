@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 
 namespace gacd_fast {
@@ -41,6 +43,14 @@ void check_info_nce_backward(const at::Tensor& grad, const at::Tensor& query, co
                              const c10::optional<at::Tensor>& negatives, const c10::optional<at::Tensor>& neg_index,
                              const at::Tensor& lse, const c10::optional<at::Tensor>& dq_neg, double temperature,
                              bool need_negatives);
+
+// Row statistics in double (CPU kernels of l2_normalize, cosine_similarity): inverse of
+// max(||x||, eps), and whether the norm passed eps (then the Jacobian has its projection term).
+inline void row_unit(double ss, double& inv, bool& proj) {
+  const double n = std::sqrt(ss);
+  proj = n >= kNormEps;
+  inv = 1.0 / std::max(n, kNormEps);
+}
 
 inline bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 

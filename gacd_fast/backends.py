@@ -2,7 +2,8 @@
 
 A backend is a module that defines the ops (``info_nce_rows``, ``nce_rows``, ``l2_normalize``,
 ``cosine_similarity``, ``pgd_step_``, ``pgd_random_start``; a backend may leave some out) and
-``unavailable_reason(device, auto) -> str | None``. Modules are imported on first use, so a missing
+``unavailable_reason(device, auto) -> str | None``; the built-in ones build those functions from
+the ops' contracts (``gacd_fast/ops/entries.py``). Modules are imported on first use, so a missing
 dependency (no triton, an unbuilt extension) only makes that backend unavailable.
 
 Choice, first that applies: ``backend=`` per call, :func:`set_backend`, the environment variable

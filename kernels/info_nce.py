@@ -3,7 +3,7 @@ backward, without a B x K (or B x M x D) buffer.
 
 Forward
     * inverse norms 1/max(||x||, 1e-12) of query, positive and bank rows are computed once per row
-      (similarity.row_inv_norms) and applied to the raw dot products inside the tiles: no normalised
+      (_common.row_inv_norms) and applied to the raw dot products inside the tiles: no normalised
       copy of the bank is made. normalize=False uses ones.
     * split-K: program (row block, chunk of negatives) keeps an online max/sum in base 2 (the scale
       1/tau * log2(e) folded into one multiplier, exp2) and writes one partial (m, l) per row; a
@@ -18,7 +18,7 @@ Forward
 Backward (recomputes the score tiles from the stored LSE; no atomics, bitwise deterministic)
     * dq: row-parallel (a program owns BLOCK_M rows x BLOCK_DO output columns; split-K partials, if
       any, are summed in a fixed order), then the positive term and the chain rule through the
-      normalisation (similarity.normalize_backward) on B x D tensors.
+      normalisation (l2_normalize.l2_normalize_backward) on B x D tensors.
     * dnegatives, shared bank: column-parallel, one owner per bank row block, loops over the rows.
     * dnegatives, neg_index: the per-(row, slot) coefficients g_i P_ij / ||q_i|| [B, M] (fp32) are
       written by the dq kernel, (row, slot) pairs are stably sorted by bank row, and one program per
@@ -38,10 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_precision, interpreting, pow2, sm_count, upcast_dot
+from ._common import cdiv, dot_precision, interpreting, pow2, row_inv_norms, sm_count, upcast_dot
 from gacd_fast._numerics import LN2, LOG2E
 
-from .similarity import normalize_backward, row_inv_norms
+from .l2_normalize import l2_normalize_backward
 
 # exp(x) = exp2(x * LOG2E): the kernels' scale is 1/tau * LOG2E (host floats here, constexprs in kernels)
 LOG2E_C = tl.constexpr(LOG2E)
@@ -129,7 +129,7 @@ def _bank_scores(qt, q_ptr, row0, nrows, pq, n_ptr, k0, ncols, D, DOT_T: tl.cons
 
 
 @triton.jit
-def _fwd_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, K, D, chunk, scale2,
+def _info_nce_fwd_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, K, D, chunk, scale2,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
                      WITH_DQ: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr, ACC_T: tl.constexpr,
                      ACC_PREC: tl.constexpr):
@@ -202,9 +202,9 @@ def _gather_scores(qv, q_ptr, row, pq, n_ptr, nid, jmask, D, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, M, D, chunk, scale2,
+def _info_nce_fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_ptr, B, M, D, chunk, scale2,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, WITH_DQ: tl.constexpr):
-    """As _fwd_bank_kernel for one query row against its gathered rows n[neg_index[row, j]]."""
+    """As _info_nce_fwd_bank_kernel for one query row against its gathered rows n[neg_index[row, j]]."""
     row = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
@@ -241,7 +241,7 @@ def _fwd_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, m_ptr, l_ptr, acc_
 
 
 @triton.jit
-def _combine_kernel(t_ptr, m_ptr, l_ptr, loss_ptr, lse_ptr, B, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+def _info_nce_fwd_combine_kernel(t_ptr, m_ptr, l_ptr, loss_ptr, lse_ptr, B, S, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     """Adds the positive logit t_pos (base 2, from the host) to the split partials (fixed order) ->
     loss (natural log) and lse2 (base 2), fp32."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -265,7 +265,7 @@ def _combine_kernel(t_ptr, m_ptr, l_ptr, loss_ptr, lse_ptr, B, S, BLOCK_M: tl.co
 
 
 @triton.jit
-def _dq_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K, D, chunk, scale2, scale,
+def _info_nce_bwd_dq_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K, D, chunk, scale2, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
                     DOT_T: tl.constexpr, DOT_PREC: tl.constexpr, ACC_T: tl.constexpr, ACC_PREC: tl.constexpr):
     """out[split, rows, dcols] = sum_j g_i P_ij n_j / ||n_j|| / tau over this split's bank rows;
@@ -306,10 +306,10 @@ def _dq_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
 
 
 @triton.jit
-def _dq_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, coef_ptr, B, M, D, chunk,
+def _info_nce_bwd_dq_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, coef_ptr, B, M, D, chunk,
                       scale2, scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
                       WRITE_DQ: tl.constexpr, WRITE_COEF: tl.constexpr):
-    """dq partials for one row (as _dq_bank_kernel); optionally coef[row, j] = g P_ij / ||q|| / tau."""
+    """dq partials for one row (as _info_nce_bwd_dq_bank_kernel); optionally coef[row, j] = g P_ij / ||q|| / tau."""
     row = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -345,7 +345,7 @@ def _dq_gather_kernel(q_ptr, n_ptr, idx_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out
 
 
 @triton.jit
-def _dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K, D, scale2, scale,
+def _info_nce_bwd_dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K, D, scale2, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
                     DOT_T: tl.constexpr, DOT_PREC: tl.constexpr, ACC_T: tl.constexpr, ACC_PREC: tl.constexpr):
     """out[cols, dcols] = sum_i g_i P_ij q_i / ||q_i|| / tau: one owner per bank row block, whose
@@ -384,7 +384,7 @@ def _dn_bank_kernel(q_ptr, n_ptr, rq_ptr, rn_ptr, lse_ptr, g_ptr, out_ptr, B, K,
 
 
 @triton.jit
-def _dn_segment_kernel(q_ptr, rows_ptr, qi_ptr, coef_ptr, bounds_ptr, out_ptr, K, D,
+def _info_nce_bwd_dn_segment_kernel(q_ptr, rows_ptr, qi_ptr, coef_ptr, bounds_ptr, out_ptr, K, D,
                        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC_PREC: tl.constexpr):
     """out[r, dcols] = sum over sorted entries e with row r of coef_e * q[qi_e]: a program owns bank
     rows [j0, j0 + BLOCK_N), whose entries are contiguous in the stable sort, visited in order."""
@@ -496,7 +496,7 @@ def dot_types(dtype: torch.dtype) -> dict:
 
 
 def combine_tile(B: int, S: int) -> Tile:
-    """Launch of _combine_kernel (block_n = BLOCK_S, split partials merged per step; no block_d)."""
+    """Launch of _info_nce_fwd_combine_kernel (block_n = BLOCK_S, split partials merged per step; no block_d)."""
     if interpreting():
         return Tile(pow2(B, 1, 64), pow2(S, 2, 64), 1, 1, 1)
     return Tile(64, 16, 1, 4, 2)
@@ -548,20 +548,20 @@ def _forward(q, p, n, idx, scale, normalize, compute_dq):
     l_part = torch.empty_like(m_part)
     acc = torch.empty((S, B, D) if with_dq else (1,), dtype=torch.float32, device=q.device)
     if idx is None:
-        _fwd_bank_kernel[grid](
+        _info_nce_fwd_bank_kernel[grid](
             q, n, rq, rn, m_part, l_part, acc, B, K, D, chunk, scale2,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident, WITH_DQ=with_dq,
             **dot_types(q.dtype), **_launch(t),
         )
     else:
-        _fwd_gather_kernel[grid](
+        _info_nce_fwd_gather_kernel[grid](
             q, n, idx, rq, rn, m_part, l_part, acc, B, K, D, chunk, scale2,
             BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident, WITH_DQ=with_dq, **_launch(t),
         )
     loss = torch.empty(B, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(loss)
     c = combine_tile(B, S)
-    _combine_kernel[(cdiv(B, c.block_m),)](
+    _info_nce_fwd_combine_kernel[(cdiv(B, c.block_m),)](
         _positive_logits2(q, p, rq, rp, scale2), m_part, l_part, loss, lse, B, S,
         BLOCK_M=c.block_m, BLOCK_S=c.block_n, **_launch(c),
     )
@@ -579,8 +579,7 @@ def _contig(*ts):
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
-def forward(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, neg_index: Optional[torch.Tensor],
-            temperature: float, normalize: bool, compute_dq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def info_nce_forward(query, positive, negatives, neg_index, temperature, normalize, compute_dq):
     """The ``info_nce_forward`` kernel (schema and meaning: gacd_fast/ops/info_nce.py).
 
     query, positive [B, D] and negatives [K, D] in one of fp16/bf16/fp32; neg_index None or
@@ -603,7 +602,7 @@ def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = T
         nd = cdiv(D, t.block_d)
         S, chunk = _splits(cdiv(B, t.block_m) * nd, K, t.block_n, q.device)
         part = torch.empty((S, B, D), dtype=torch.float32, device=q.device)
-        _dq_bank_kernel[(cdiv(B, t.block_m), nd, S)](
+        _info_nce_bwd_dq_bank_kernel[(cdiv(B, t.block_m), nd, S)](
             q, n, rq, rn, lse, g, part, B, K, D, chunk, scale2, scale,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident,
             **dot_types(q.dtype), **_launch(t),
@@ -617,7 +616,7 @@ def _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef: bool, want_dq: bool = T
             S, chunk = 1, cdiv(M, t.block_n) * t.block_n  # coef written once per (row, slot): one chunk a row
         part = torch.empty((S, B, D) if want_dq else (1,), dtype=torch.float32, device=q.device)
         coef = torch.empty((B, M), dtype=torch.float32, device=q.device) if want_coef else part
-        _dq_gather_kernel[(B, nd if want_dq else 1, S)](
+        _info_nce_bwd_dq_gather_kernel[(B, nd if want_dq else 1, S)](
             q, n, idx, rq, rn, lse, g, part, coef, B, M, D, chunk, scale2, scale,
             BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=resident, WRITE_DQ=want_dq, WRITE_COEF=want_coef,
             **_launch(t),
@@ -649,7 +648,7 @@ def _grad_query_positive(g, q, p, n, idx, lse, dq_neg, scale, normalize, need_q)
     t_pos = _positive_logits2(q, p, rq, rp, scale * LOG2E)
     cpos = (g * scale * torch.expm1((t_pos - lse) * LN2))[:, None]
     dph = cpos * qh
-    dp = normalize_backward(p, dph) if normalize else dph.to(p.dtype)
+    dp = l2_normalize_backward(dph, p) if normalize else dph.to(p.dtype)
     if not need_q:
         return None, dp
     if dq_neg is not None and dq_neg.numel() > 0:
@@ -658,7 +657,7 @@ def _grad_query_positive(g, q, p, n, idx, lse, dq_neg, scale, normalize, need_q)
         rn = _norms(n, normalize)
         dqh, _ = _dq_neg(q, n, idx, rq, rn, lse, g, scale, want_coef=False)
     dqh = dqh + cpos * ph
-    dq = normalize_backward(q, dqh) if normalize else dqh.to(q.dtype)
+    dq = l2_normalize_backward(dqh, q) if normalize else dqh.to(q.dtype)
     return dq, dp
 
 
@@ -672,7 +671,7 @@ def _grad_negatives(g, q, n, idx, lse, scale, normalize):
         t = _tile("dn", q.dtype, B, D)
         if interpreting():
             t = t._replace(block_n=min(t.block_n, 128))
-        _dn_bank_kernel[(cdiv(K, t.block_n), cdiv(D, t.block_d))](
+        _info_nce_bwd_dn_bank_kernel[(cdiv(K, t.block_n), cdiv(D, t.block_d))](
             q, n, rq, rn, lse, g, dnh, B, K, D, scale * LOG2E, scale,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, RESIDENT=D <= MAX_RESIDENT_D,
             **dot_types(q.dtype), **_launch(t),
@@ -688,26 +687,24 @@ def _grad_negatives(g, q, n, idx, lse, scale, normalize):
         nblk = cdiv(K, t.block_n)
         edges = torch.arange(0, nblk + 1, device=q.device, dtype=torch.int64) * t.block_n
         bounds = torch.searchsorted(srows, edges)
-        _dn_segment_kernel[(nblk, cdiv(D, t.block_d))](
+        _info_nce_bwd_dn_segment_kernel[(nblk, cdiv(D, t.block_d))](
             q, srows, qi, scoef, bounds, dnh, K, D,
             BLOCK_N=t.block_n, BLOCK_E=t.block_m, BLOCK_D=t.block_d, ACC_PREC=dot_types(q.dtype)["ACC_PREC"]
             if q.dtype != torch.bfloat16 else dot_precision(torch.float32), **_launch(t),
         )
-    return normalize_backward(n, dnh) if normalize else dnh.to(n.dtype)
+    return l2_normalize_backward(dnh, n) if normalize else dnh.to(n.dtype)
 
 
 def segment_tile(D: int) -> Tile:
-    """Launch of _dn_segment_kernel (block_m = BLOCK_E, entries per step; block_d = output slice)."""
+    """Launch of _info_nce_bwd_dn_segment_kernel (block_m = BLOCK_E, entries per step; block_d = output slice)."""
     if interpreting():
         return Tile(256, 64, pow2(D, 16, MAX_RESIDENT_D), 1, 1)
     bd = pow2(D, 16, 128)
     return Tile(32, 32, bd, 4, 2)
 
 
-def backward(grad: torch.Tensor, query: torch.Tensor, positive: torch.Tensor, negatives: Optional[torch.Tensor],
-             neg_index: Optional[torch.Tensor], lse: torch.Tensor, dq_neg: Optional[torch.Tensor], temperature: float,
-             normalize: bool, need_query: bool, need_positive: bool,
-             need_negatives: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def info_nce_backward(grad, query, positive, negatives, neg_index, lse, dq_neg, temperature, normalize,
+                      need_query, need_positive, need_negatives):
     """The ``info_nce_backward`` kernels (schema and meaning: gacd_fast/ops/info_nce.py): d query,
     d positive, d negatives in the inputs' dtypes, each empty where not asked for. ``negatives`` may
     be None when ``dq_neg`` (from the forward) is given and its gradient is not asked for."""

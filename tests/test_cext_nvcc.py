@@ -31,7 +31,7 @@ def _nvcc() -> str:
 
 
 def test_cuda_sources_exist():
-    assert {p.name for p in CU_FILES} >= {"elementwise.cu", "info_nce.cu"}
+    assert {p.name for p in CU_FILES} >= {"cosine_similarity.cu", "info_nce.cu", "l2_normalize.cu", "pgd_step.cu"}
 
 
 @pytest.mark.slow

@@ -14,11 +14,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "results" / "kernel_resources.csv"
-KERNELS = ["info_nce._fwd_bank_kernel", "info_nce._fwd_gather_kernel", "info_nce._combine_kernel",
-           "info_nce._dq_bank_kernel", "info_nce._dq_gather_kernel", "info_nce._dn_bank_kernel",
-           "info_nce._dn_segment_kernel", "similarity._inv_norm_kernel", "similarity._normalize_fwd_kernel",
-           "similarity._normalize_bwd_kernel", "similarity._cosine_fwd_kernel", "similarity._cosine_bwd_kernel",
-           "pgd._pgd_linf_kernel", "pgd._l2_partial_kernel", "pgd._l2_apply_kernel", "pgd._linf_random_start_kernel"]
+KERNELS = ["info_nce._info_nce_fwd_bank_kernel", "info_nce._info_nce_fwd_gather_kernel",
+           "info_nce._info_nce_fwd_combine_kernel", "info_nce._info_nce_bwd_dq_bank_kernel",
+           "info_nce._info_nce_bwd_dq_gather_kernel", "info_nce._info_nce_bwd_dn_bank_kernel",
+           "info_nce._info_nce_bwd_dn_segment_kernel", "_common._row_inv_norm_kernel",
+           "l2_normalize._l2_normalize_fwd_kernel", "l2_normalize._l2_normalize_bwd_kernel",
+           "cosine_similarity._cosine_similarity_fwd_kernel", "cosine_similarity._cosine_similarity_bwd_kernel",
+           "pgd_step._pgd_step_linf_kernel", "pgd_step._pgd_step_l2_partial_kernel",
+           "pgd_step._pgd_step_l2_apply_kernel", "pgd_random_start._pgd_random_start_linf_kernel"]
 
 
 def _rows():
@@ -43,7 +46,8 @@ def test_no_sm90_row_spills():
 def test_report_has_cuda_extension_rows():
     rows = [r for r in _rows() if r["source"] == "nvcc"]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-    assert {r["kernel"].split(":")[0] for r in rows} == {"csrc/elementwise.cu", "csrc/info_nce.cu"}
+    assert {r["kernel"].split(":")[0] for r in rows} == {"csrc/cosine_similarity.cu", "csrc/info_nce.cu",
+                                                                 "csrc/l2_normalize.cu", "csrc/pgd_step.cu"}
     assert all(r["regs"] for r in rows)
 
 
@@ -53,7 +57,7 @@ def test_live_compile_does_not_spill(tmp_path):
     bucket, compiled now for sm_90: the report script works and the committed tiles still fit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "r.csv"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--only", "_cosine_bwd_kernel",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--only", "_cosine_similarity_bwd_kernel",
                         "--dtype", "bf16", "--arch", "90", "--no-cuda-ext", "--jobs", "2", "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     rows = list(csv.DictReader(out.open()))

@@ -7,6 +7,7 @@ disagree; the fakes check their inputs; kernels import nothing above them; const
 from __future__ import annotations
 
 import ast
+import inspect
 import math
 from pathlib import Path
 
@@ -15,11 +16,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from gacd_fast.ops import cext_backend, cext_build, cosine_similarity, info_nce, l2_normalize, pgd_step
-from gacd_fast.ops import pgd_random_start, triton_backend
+from gacd_fast.ops import reference, torch_backend, triton_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_OPS = [*info_nce.OPS, *l2_normalize.OPS, *cosine_similarity.OPS, *pgd_step.OPS]
-TRITON_OPS = [*SHARED_OPS, pgd_random_start.LINF_START]
+BACKENDS = {"torch": torch_backend, "triton": triton_backend, "cext": cext_backend}
+SHARED_OPS = [c for op in reference.OPS if {"triton", "cext"} <= set(op.compiled_in) for c in op.compiled]
+TRITON_OPS = [c for op in reference.OPS if "triton" in op.compiled_in for c in op.compiled]
+CEXT_OPS = [c for op in reference.OPS if "cext" in op.compiled_in for c in op.compiled]
 NAMESPACES = [triton_backend.NAMESPACE, cext_backend.NAMESPACE]
 
 
@@ -47,9 +50,56 @@ def test_every_cext_op_has_its_kernel():
     if problem is not None and not cext_build.is_built():
         pytest.skip(f"cannot build the C++ extension here: {problem}")
     cext_build.load()
-    for op in SHARED_OPS:
+    for op in CEXT_OPS:
         # the library registers kernels only; torch checked each C++ signature against the schema
         assert cext_build.has_kernel(op.name, "CPU"), op.name
+
+
+def _positional(fn) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
+@pytest.mark.parametrize("op", reference.OPS, ids=lambda op: op.name)
+def test_every_backend_builds_its_entries_from_the_op(op):
+    """Each backend has the op's entry exactly where the op's contract says, taking the reference's
+    positional arguments; an op's files are named after it."""
+    want = _positional(op.reference)
+    for name, module in BACKENDS.items():
+        present = name == "torch" or name in op.compiled_in or op.torch_elsewhere
+        assert hasattr(module, op.entry) == present, (name, op.entry)
+        if present:
+            assert _positional(getattr(module, op.entry)) == want, (name, op.entry)
+    assert (ROOT / "gacd_fast" / "ops" / f"{op.name}.py").is_file()
+    if "triton" in op.compiled_in:
+        assert (ROOT / "kernels" / f"{op.name}.py").is_file()
+    if "cext" in op.compiled_in:
+        assert (ROOT / "csrc" / "cpu" / f"{op.name}.cpp").is_file() and (ROOT / "csrc" / "cuda" / f"{op.name}.cu").is_file()
+
+
+def test_every_op_a_compiled_backend_runs_has_a_first_use_check():
+    for op in reference.OPS:
+        if op.compiled_in or op.torch_elsewhere:
+            assert op.self_check is not None, op.name
+
+
+def test_backward_operators_are_named_after_their_op():
+    for op in reference.OPS:
+        for compiled in op.compiled:
+            assert compiled.name.startswith(op.name), compiled.name
+            assert compiled.name == f"{op.name}_backward" or "backward" not in compiled.name, compiled.name
+
+
+def test_triton_runs_float64_and_l2_starts_on_the_torch_implementations():
+    """The declared policy: the Triton kernels compute in fp32, so float64 calls (and the random
+    start's l2, which has no kernel) run the torch backend's implementations; no kernel is launched,
+    so this holds without the interpreter."""
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.equal(triton_backend.l2_normalize(x), reference.l2_normalize(x))
+    assert torch.equal(triton_backend.cosine_similarity(x, x.flip(0)), reference.cosine_similarity(x, x.flip(0)))
+    images = torch.rand(2, 3, 4)
+    got = triton_backend.pgd_random_start(images, 0.1, "l2", torch.Generator().manual_seed(0))
+    assert torch.equal(got, reference.pgd_random_start(images, 0.1, "l2", torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)

@@ -191,9 +191,9 @@ def triton_for_auto(monkeypatch):
     if triton_backend._IMPORT_ERROR is not None or not triton_backend.interpreting():
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device, auto=False: None)
-    import gacd_fast.kernels.similarity as k_sim
+    import gacd_fast.kernels.l2_normalize as k_norm
 
-    return k_sim
+    return k_norm
 
 
 @pytest.mark.interpreter
@@ -211,7 +211,7 @@ def test_a_faulty_triton_kernel_falls_back_to_torch(monkeypatch, triton_for_auto
         tl.store(y_ptr + off, tl.load(x_ptr + off, mask=m, other=0.0), mask=m)
 
     x = torch.randn(5, 13)
-    monkeypatch.setattr(triton_for_auto, "_normalize_fwd_kernel", wrong_normalize)
+    monkeypatch.setattr(triton_for_auto, "_l2_normalize_fwd_kernel", wrong_normalize)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.testing.assert_close(gacd_fast.l2_normalize(x), normalize_op.reference(x))
@@ -228,7 +228,7 @@ def test_a_raising_triton_launch_falls_back_to_torch(monkeypatch, triton_for_aut
             raise RuntimeError("injected launch failure: no kernel image for this device")
 
     x = torch.randn(3, 8)
-    monkeypatch.setattr(triton_for_auto, "_normalize_bwd_kernel", Unlaunchable())  # the backward only
+    monkeypatch.setattr(triton_for_auto, "_l2_normalize_bwd_kernel", Unlaunchable())  # the backward only
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.testing.assert_close(gacd_fast.l2_normalize(x), normalize_op.reference(x))

@@ -69,7 +69,7 @@ def test_opcheck(device):
     per = torch.rand(3, device=device)
     torch.library.opcheck(torch.ops.gacd_triton.pgd_step_.default,
                           (x_adv.clone(), grad, x_nat, per, 0.0, per, 0.0, 0.0, 1.0, "linf"))
-    torch.library.opcheck(torch.ops.gacd_triton.linf_random_start.default, (x_nat, None, 0.1, 3))
+    torch.library.opcheck(torch.ops.gacd_triton.pgd_random_start_linf.default, (x_nat, None, 0.1, 3))
 
 
 def test_compile_fullgraph(device):

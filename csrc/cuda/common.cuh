@@ -26,6 +26,8 @@ template <> struct AccOf<double> { using type = double; };
 template <typename T> using acc_of = typename AccOf<T>::type;
 
 constexpr int kWarp = 32;
+// Threads a block of the element- and row-wise kernels (pgd_step_, l2_normalize, cosine_similarity).
+constexpr int kBlockThreads = 256;
 
 template <typename A> __device__ __forceinline__ A neg_inf() { return static_cast<A>(-INFINITY); }
 

@@ -74,7 +74,7 @@ __device__ void score_tile(Tiles<A>& tile, const A* __restrict__ qhat, const T* 
 
 // Per-row unit vectors (optional), inverse norms and norms; one warp per row.
 template <typename T, typename A>
-__global__ void unit_rows_kernel(const T* __restrict__ x, int64_t N, int64_t D, bool normalize, A* __restrict__ xhat,
+__global__ void info_nce_unit_rows_kernel(const T* __restrict__ x, int64_t N, int64_t D, bool normalize, A* __restrict__ xhat,
                                  A* __restrict__ inv, A* __restrict__ nrm) {
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -93,7 +93,7 @@ __global__ void unit_rows_kernel(const T* __restrict__ x, int64_t N, int64_t D, 
 }
 
 template <typename T, typename A>
-__global__ void fwd_shared_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const A* __restrict__ ninv,
+__global__ void info_nce_fwd_shared_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const A* __restrict__ ninv,
                                   int64_t B, int64_t K, int64_t D, A scale, int64_t per_split, A* __restrict__ part_m,
                                   A* __restrict__ part_l) {
   __shared__ Tiles<A> tile;
@@ -128,7 +128,7 @@ __global__ void fwd_shared_kernel(const A* __restrict__ qhat, const T* __restric
 
 // Merge the splits and the positive logit into lse and loss; one warp per row.
 template <typename A>
-__global__ void combine_kernel(const A* __restrict__ qhat, const A* __restrict__ phat, int64_t B, int64_t D,
+__global__ void info_nce_combine_kernel(const A* __restrict__ qhat, const A* __restrict__ phat, int64_t B, int64_t D,
                                A temperature, const A* __restrict__ part_m, const A* __restrict__ part_l, int64_t S,
                                A* __restrict__ loss, A* __restrict__ lse) {
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
@@ -151,7 +151,7 @@ __global__ void combine_kernel(const A* __restrict__ qhat, const A* __restrict__
 }
 
 template <typename T, typename A, typename I>
-__global__ void fwd_index_kernel(const A* __restrict__ qhat, const A* __restrict__ phat, const T* __restrict__ neg,
+__global__ void info_nce_fwd_index_kernel(const A* __restrict__ qhat, const A* __restrict__ phat, const T* __restrict__ neg,
                                  const I* __restrict__ idx, int64_t K, int64_t M, int64_t D, bool normalize, A scale,
                                  A temperature, A* __restrict__ loss, A* __restrict__ lse) {
   __shared__ A wm[kIndexWarps], wl[kIndexWarps];
@@ -198,7 +198,7 @@ __global__ void fwd_index_kernel(const A* __restrict__ qhat, const A* __restrict
 
 // d q_hat partial sums, row-owned: part[split, row, :] = sum over the split's k of P_ik inv_k n_k.
 template <typename T, typename A>
-__global__ void bwd_dq_shared_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const A* __restrict__ ninv,
+__global__ void info_nce_bwd_dq_shared_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const A* __restrict__ ninv,
                                      const A* __restrict__ g, const A* __restrict__ lse, int64_t B, int64_t K,
                                      int64_t D, A scale, int64_t per_split, A* __restrict__ part) {
   __shared__ Tiles<A> tile;
@@ -233,7 +233,7 @@ __global__ void bwd_dq_shared_kernel(const A* __restrict__ qhat, const T* __rest
 
 // d n_hat, column-owned: a block owns 64 negatives and walks all query rows.
 template <typename T, typename A>
-__global__ void bwd_dn_shared_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const A* __restrict__ ninv,
+__global__ void info_nce_bwd_dn_shared_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const A* __restrict__ ninv,
                                      const A* __restrict__ g, const A* __restrict__ lse, int64_t B, int64_t K,
                                      int64_t D, A scale, A* __restrict__ dnhat) {
   __shared__ Tiles<A> tile;
@@ -266,7 +266,7 @@ __global__ void bwd_dn_shared_kernel(const A* __restrict__ qhat, const T* __rest
 
 // neg_index, d q_hat partial sums: block per row, warp w owns part[w, row, :].
 template <typename T, typename A, typename I>
-__global__ void bwd_dq_index_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const I* __restrict__ idx,
+__global__ void info_nce_bwd_dq_index_kernel(const A* __restrict__ qhat, const T* __restrict__ neg, const I* __restrict__ idx,
                                     const A* __restrict__ g, const A* __restrict__ lse, int64_t B, int64_t K, int64_t M,
                                     int64_t D, bool normalize, A scale, A* __restrict__ part) {
   const int64_t i = blockIdx.x;
@@ -292,7 +292,7 @@ __global__ void bwd_dq_index_kernel(const A* __restrict__ qhat, const T* __restr
 }
 
 // Bounds of each bank row's run in the sorted neg_index: [start[k], end[k]).
-__global__ void segment_bounds_kernel(const int64_t* __restrict__ keys, int64_t E, int64_t* __restrict__ start,
+__global__ void info_nce_segment_bounds_kernel(const int64_t* __restrict__ keys, int64_t E, int64_t* __restrict__ start,
                                       int64_t* __restrict__ end) {
   const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (p >= E) return;
@@ -303,7 +303,7 @@ __global__ void segment_bounds_kernel(const int64_t* __restrict__ keys, int64_t 
 
 // neg_index, d n_hat, column-owned: one warp per bank row, entries in stable (flat) order.
 template <typename T, typename A>
-__global__ void bwd_dn_index_kernel(const A* __restrict__ qhat, const T* __restrict__ neg,
+__global__ void info_nce_bwd_dn_index_kernel(const A* __restrict__ qhat, const T* __restrict__ neg,
                                     const int64_t* __restrict__ order, const int64_t* __restrict__ start,
                                     const int64_t* __restrict__ end, const A* __restrict__ ninv,
                                     const A* __restrict__ g, const A* __restrict__ lse, int64_t K, int64_t M,
@@ -329,7 +329,7 @@ __global__ void bwd_dn_index_kernel(const A* __restrict__ qhat, const T* __restr
 // d x = inv * (d x_hat - [||x|| >= eps] x_hat (x_hat . d x_hat)); one warp per row. The rows of
 // d x_hat are partial[0..S) summed in order plus coef_i * other_i (the positive logit's term).
 template <typename T, typename A>
-__global__ void unit_grad_kernel(const A* __restrict__ partial, int64_t S, const A* __restrict__ coef,
+__global__ void info_nce_unit_grad_kernel(const A* __restrict__ partial, int64_t S, const A* __restrict__ coef,
                                  const A* __restrict__ other, const A* __restrict__ xhat, const A* __restrict__ inv,
                                  const A* __restrict__ nrm, int64_t N, int64_t D, bool normalize, T* __restrict__ out) {
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
@@ -351,7 +351,7 @@ __global__ void unit_grad_kernel(const A* __restrict__ partial, int64_t S, const
 
 // coef_i = g_i * (softmax_pos_i - 1) / tau; one warp per row.
 template <typename A>
-__global__ void positive_coef_kernel(const A* __restrict__ qhat, const A* __restrict__ phat, const A* __restrict__ g,
+__global__ void info_nce_positive_coef_kernel(const A* __restrict__ qhat, const A* __restrict__ phat, const A* __restrict__ g,
                                      const A* __restrict__ lse, int64_t B, int64_t D, A temperature,
                                      A* __restrict__ coef) {
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
@@ -381,7 +381,7 @@ Units unit_rows(const at::Tensor& x, bool normalize, bool want_xhat, cudaStream_
   const int64_t N = x.size(0), D = x.size(1);
   auto opts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   Units u{want_xhat ? at::empty({N, D}, opts) : at::Tensor(), at::empty({N}, opts), at::empty({N}, opts)};
-  unit_rows_kernel<T, A><<<warp_rows_grid(N, kThreads), kThreads, 0, stream>>>(
+  info_nce_unit_rows_kernel<T, A><<<warp_rows_grid(N, kThreads), kThreads, 0, stream>>>(
       x.data_ptr<T>(), N, D, normalize, want_xhat ? u.xhat.data_ptr<A>() : nullptr, u.inv.data_ptr<A>(),
       u.nrm.data_ptr<A>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -412,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_forward_cuda(const at::T
       const at::Tensor idx = neg_index->contiguous();
       const int64_t M = idx.size(1);
       AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "info_nce_forward_cuda_index", [&] {
-        fwd_index_kernel<T, A, index_t><<<static_cast<unsigned>(B), kIndexWarps * kWarp, 0, stream>>>(
+        info_nce_fwd_index_kernel<T, A, index_t><<<static_cast<unsigned>(B), kIndexWarps * kWarp, 0, stream>>>(
             q.xhat.data_ptr<A>(), p.xhat.data_ptr<A>(), negatives.data_ptr<T>(), idx.data_ptr<index_t>(), K, M, D,
             normalize, static_cast<A>(1.0 / temperature), static_cast<A>(temperature), loss.data_ptr<A>(),
             lse.data_ptr<A>());
@@ -422,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_forward_cuda(const at::T
         const at::Tensor ones = at::ones({B}, acc_opts);
         at::Tensor part = at::empty({kIndexWarps, B, D}, acc_opts);
         AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "info_nce_forward_cuda_dq_index", [&] {
-          bwd_dq_index_kernel<T, A, index_t><<<static_cast<unsigned>(B), kIndexWarps * kWarp, 0, stream>>>(
+          info_nce_bwd_dq_index_kernel<T, A, index_t><<<static_cast<unsigned>(B), kIndexWarps * kWarp, 0, stream>>>(
               q.xhat.data_ptr<A>(), negatives.data_ptr<T>(), idx.data_ptr<index_t>(), ones.data_ptr<A>(),
               lse.data_ptr<A>(), B, K, M, D, normalize, static_cast<A>(1.0 / temperature), part.data_ptr<A>());
         });
@@ -435,19 +435,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_forward_cuda(const at::T
       plan_splits(query, B, K, splits, per_split);
       at::Tensor pm = at::empty({splits, B}, acc_opts), pl = at::empty({splits, B}, acc_opts);
       const dim3 grid(static_cast<unsigned>(ceil_div(B, TB)), static_cast<unsigned>(splits));
-      fwd_shared_kernel<T, A><<<grid, kThreads, 0, stream>>>(q.xhat.data_ptr<A>(), negatives.data_ptr<T>(),
+      info_nce_fwd_shared_kernel<T, A><<<grid, kThreads, 0, stream>>>(q.xhat.data_ptr<A>(), negatives.data_ptr<T>(),
                                                              n.inv.data_ptr<A>(), B, K, D,
                                                              static_cast<A>(1.0 / temperature), per_split,
                                                              pm.data_ptr<A>(), pl.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      combine_kernel<A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
+      info_nce_combine_kernel<A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
           q.xhat.data_ptr<A>(), p.xhat.data_ptr<A>(), B, D, static_cast<A>(temperature), pm.data_ptr<A>(),
           pl.data_ptr<A>(), splits, loss.data_ptr<A>(), lse.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (compute_dq) {  // d lse / d q_hat now (g = 1), so backward needs no bank
         const at::Tensor ones = at::ones({B}, acc_opts);
         at::Tensor part = at::empty({splits, B, D}, acc_opts);
-        bwd_dq_shared_kernel<T, A><<<grid, kThreads, 0, stream>>>(q.xhat.data_ptr<A>(), negatives.data_ptr<T>(),
+        info_nce_bwd_dq_shared_kernel<T, A><<<grid, kThreads, 0, stream>>>(q.xhat.data_ptr<A>(), negatives.data_ptr<T>(),
                                                                    n.inv.data_ptr<A>(), ones.data_ptr<A>(),
                                                                    lse.data_ptr<A>(), B, K, D,
                                                                    static_cast<A>(1.0 / temperature), per_split,
@@ -484,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
     Units q = unit_rows<T, A>(query, normalize, true, stream);
     Units p = unit_rows<T, A>(positive, normalize, true, stream);
     at::Tensor coef = at::empty({B}, acc_opts);
-    positive_coef_kernel<A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
+    info_nce_positive_coef_kernel<A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
         q.xhat.data_ptr<A>(), p.xhat.data_ptr<A>(), g.data_ptr<A>(), lse.data_ptr<A>(), B, D,
         static_cast<A>(temperature), coef.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -502,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
         S = kIndexWarps;
         part = at::empty({S, B, D}, acc_opts);
         AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "info_nce_backward_cuda_dq_index", [&] {
-          bwd_dq_index_kernel<T, A, index_t><<<static_cast<unsigned>(B), kIndexWarps * kWarp, 0, stream>>>(
+          info_nce_bwd_dq_index_kernel<T, A, index_t><<<static_cast<unsigned>(B), kIndexWarps * kWarp, 0, stream>>>(
               q.xhat.data_ptr<A>(), negatives.data_ptr<T>(), idx.data_ptr<index_t>(), g.data_ptr<A>(),
               lse.data_ptr<A>(), B, K, idx.size(1), D, normalize, scale, part.data_ptr<A>());
         });
@@ -512,19 +512,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
         plan_splits(query, B, K, S, per_split);
         part = at::empty({S, B, D}, acc_opts);
         const dim3 grid(static_cast<unsigned>(ceil_div(B, TB)), static_cast<unsigned>(S));
-        bwd_dq_shared_kernel<T, A><<<grid, kThreads, 0, stream>>>(q.xhat.data_ptr<A>(), negatives.data_ptr<T>(),
+        info_nce_bwd_dq_shared_kernel<T, A><<<grid, kThreads, 0, stream>>>(q.xhat.data_ptr<A>(), negatives.data_ptr<T>(),
                                                                   n.inv.data_ptr<A>(), g.data_ptr<A>(),
                                                                   lse.data_ptr<A>(), B, K, D, scale, per_split,
                                                                   part.data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      unit_grad_kernel<T, A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
+      info_nce_unit_grad_kernel<T, A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
           part.data_ptr<A>(), S, coef.data_ptr<A>(), p.xhat.data_ptr<A>(), q.xhat.data_ptr<A>(), q.inv.data_ptr<A>(),
           q.nrm.data_ptr<A>(), B, D, normalize, dq.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (need_p) {
-      unit_grad_kernel<T, A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
+      info_nce_unit_grad_kernel<T, A><<<warp_rows_grid(B, kThreads), kThreads, 0, stream>>>(
           nullptr, 0, coef.data_ptr<A>(), q.xhat.data_ptr<A>(), p.xhat.data_ptr<A>(), p.inv.data_ptr<A>(),
           p.nrm.data_ptr<A>(), B, D, normalize, dp.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -537,20 +537,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cuda(
         auto sorted = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
         const at::Tensor keys = std::get<0>(sorted).contiguous(), order = std::get<1>(sorted).contiguous();
         at::Tensor start = at::zeros({K}, flat.options()), end = at::zeros({K}, flat.options());
-        segment_bounds_kernel<<<static_cast<unsigned>(ceil_div(E, kThreads)), kThreads, 0, stream>>>(
+        info_nce_segment_bounds_kernel<<<static_cast<unsigned>(ceil_div(E, kThreads)), kThreads, 0, stream>>>(
             keys.data_ptr<int64_t>(), E, start.data_ptr<int64_t>(), end.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        bwd_dn_index_kernel<T, A><<<warp_rows_grid(K, kThreads), kThreads, 0, stream>>>(
+        info_nce_bwd_dn_index_kernel<T, A><<<warp_rows_grid(K, kThreads), kThreads, 0, stream>>>(
             q.xhat.data_ptr<A>(), negatives.data_ptr<T>(), order.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
             end.data_ptr<int64_t>(), n.inv.data_ptr<A>(), g.data_ptr<A>(), lse.data_ptr<A>(), K, M, D, scale,
             dnhat.data_ptr<A>());
       } else {
-        bwd_dn_shared_kernel<T, A><<<static_cast<unsigned>(ceil_div(K, TK)), kThreads, 0, stream>>>(
+        info_nce_bwd_dn_shared_kernel<T, A><<<static_cast<unsigned>(ceil_div(K, TK)), kThreads, 0, stream>>>(
             q.xhat.data_ptr<A>(), negatives.data_ptr<T>(), n.inv.data_ptr<A>(), g.data_ptr<A>(), lse.data_ptr<A>(), B,
             K, D, scale, dnhat.data_ptr<A>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      unit_grad_kernel<T, A><<<warp_rows_grid(K, kThreads), kThreads, 0, stream>>>(
+      info_nce_unit_grad_kernel<T, A><<<warp_rows_grid(K, kThreads), kThreads, 0, stream>>>(
           dnhat.data_ptr<A>(), 1, nullptr, nullptr, n.xhat.data_ptr<A>(), n.inv.data_ptr<A>(), n.nrm.data_ptr<A>(),
           K, D, normalize, dn.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

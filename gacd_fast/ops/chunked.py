@@ -22,8 +22,13 @@ import torch
 
 from .. import _precision
 from .._numerics import acc_dtype
-from .info_nce import SECOND_ORDER_ERROR
+from .contract import second_order_error
 from .norms import l2_normalize
+
+# Also the compiled backends' message (their backward is first-order only): info_nce.py takes it from here.
+SECOND_ORDER_ERROR = second_order_error(
+    "info_nce", "by the torch backend with negatives that require grad; this call's backward is first-order only"
+)
 
 # Elements of one chunk's temporary ([B, c] logits, or [B, c, D] gathered rows): 4 MB in float32,
 # big enough that each chunk's matmul runs at full speed.

@@ -1,10 +1,12 @@
-"""What the compiled backends share for an op: its schema, its fake (shape) rules, its autograd formula.
+"""What every backend takes from an op's module: the :class:`Op` and its :class:`CompiledOp` values.
 
-A compiled backend (``triton``, ``cext``) runs an op as ``torch.ops.<namespace>.<name>``. Each op's
-module (``info_nce.py``, ``l2_normalize.py``, ...) declares its compiled ops once as
-:class:`CompiledOp` values; a backend calls :meth:`CompiledOp.define` for its namespace and then
+Each op's module (``info_nce.py``, ``l2_normalize.py``, ...) declares the op once as an :class:`Op`:
+its reference (whose signature is every backend's entry), the torch backend's implementation, and
+its compiled operators. A compiled backend (``triton``, ``cext``) runs an op as
+``torch.ops.<namespace>.<name>``: it calls :meth:`CompiledOp.define` for its namespace and then
 registers only its kernels (Python launchers for Triton, ``TORCH_LIBRARY_IMPL`` in csrc/ for the
-extension). The backends therefore cannot disagree on a schema, a fake or a gradient formula.
+extension), so the backends cannot disagree on a schema, a fake or a gradient formula. The
+backends' entries themselves are built from the ``Op`` values in ``entries.py``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,42 @@ class CompiledOp:
     def resolve(self, namespace: str) -> Callable[..., Any]:
         """The callable ``torch.ops.<namespace>.<name>``."""
         return getattr(getattr(torch.ops, namespace), self.name)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op as every backend sees it.
+
+    name: the op; also the name of its module in gacd_fast/ops/, kernels/ and csrc/{cpu,cuda}/.
+    entry: the name of its function in every backend module (the registry's key, e.g. ``info_nce_rows``).
+    reference: the definition (the test oracle); its positional arguments are the entry's.
+    torch: the torch backend's implementation (None: ``reference``).
+    compiled: the compiled operators, forward first; empty when no compiled backend runs the op.
+    call: how an entry runs the forward operator, ``call(forward, *args) -> result`` (the glue
+        where the schema differs from the entry); None: ``forward(*args)``.
+    compiled_when: ``compiled_when(*args)``, which calls the kernels take; the others run ``torch``.
+    compiled_in: the compiled backends with kernels for it.
+    torch_elsewhere: whether a compiled backend without kernels for it runs ``torch`` (True) or
+        leaves the op out (False: naming that backend for it is a NotImplementedError).
+    self_check: ``self_check(entry, device, dtype, (atol, rtol))``, the first-use check of a
+        backend's entry against the reference (``self_check.py``); None: the op is not checked.
+    """
+
+    name: str
+    entry: str
+    reference: Callable[..., Any]
+    torch: Optional[Callable[..., Any]] = None
+    compiled: tuple[CompiledOp, ...] = ()
+    call: Optional[Callable[..., Any]] = None
+    compiled_when: Optional[Callable[..., bool]] = None
+    compiled_in: tuple[str, ...] = ("triton", "cext")
+    torch_elsewhere: bool = False
+    self_check: Optional[Callable[..., None]] = None
+
+
+def second_order_error(op: str, where: str = "by the torch backend") -> str:
+    """The message of a backward that refuses ``create_graph=True``."""
+    return f"second-order gradients (create_graph=True) through {op} are supported only {where}"
 
 
 def first_order_only(message: str) -> None:

@@ -1,16 +1,16 @@
 """Row-wise cosine similarity: its definition and the contract of its compiled backends."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .._numerics import acc_dtype
-from .contract import CompiledOp, check_like, check_rows, first_order_only
+from .contract import CompiledOp, Op, check_like, check_rows, first_order_only, second_order_error
 from .norms import unit_rows
+from .self_check import SEED, Tolerance, compare, grads, leaves, rand
 
-SECOND_ORDER_ERROR = (
-    "second-order gradients (create_graph=True) through cosine_similarity are supported only by the torch "
-    "backend"
-)
+SECOND_ORDER_ERROR = second_order_error("cosine_similarity")
 
 
 def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,9 +46,18 @@ FORWARD = CompiledOp("cosine_similarity", "(Tensor a, Tensor b) -> Tensor", _fak
 # (d a, d b) in the inputs' dtypes, from ``grad`` [B] (the output's dtype).
 BACKWARD = CompiledOp("cosine_similarity_backward", "(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)",
                       _fake_backward)
-OPS = (FORWARD, BACKWARD)
 
 
-def compiled(namespace: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B, D], [B, D] -> [B] cosines from ``namespace``'s compiled ops."""
-    return FORWARD.resolve(namespace)(a, b)
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: value and both gradients on a small batch of rows."""
+    gen = torch.Generator().manual_seed(SEED)
+    a, b = rand(gen, (5, 13), device, dtype), rand(gen, (5, 13), device, dtype)
+    upstream = rand(gen, (5,), device, torch.float32)
+    ours, refs = leaves([a, b], (True, True))
+    got, want = fn(*ours), reference(*refs)
+    compare("cosine_similarity: value", got, want, tol)
+    for name, g, w in zip(("d a", "d b"), grads(got, ours, upstream), grads(want, refs, upstream)):
+        compare(f"cosine_similarity: {name}", g, w, tol)
+
+
+OP = Op("cosine_similarity", "cosine_similarity", reference, compiled=(FORWARD, BACKWARD), self_check=_self_check)

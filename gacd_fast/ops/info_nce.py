@@ -3,23 +3,22 @@
 ``reference`` defines the unweighted per-row loss (it materialises the B x K logits on purpose: it
 is the test oracle, written as literally as docs/design.md states the op). The torch backend's
 memory-lean version is ``chunked.info_nce_rows``. The compiled backends (triton, cext) implement two
-operators with the schemas below; :func:`compiled` is their common entry. Inputs are validated by
-``gacd_fast.functional`` before they get here; the fakes check shapes again for torch.compile.
+operators with the schemas below; :data:`OP` is what every backend's entry is built from. Inputs are
+validated by ``gacd_fast.functional`` before they get here; the fakes check shapes again for
+torch.compile.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._numerics import acc_dtype
-from .contract import CompiledOp, check_like, check_rows, first_order_only
+from . import chunked
+from .chunked import SECOND_ORDER_ERROR
+from .contract import CompiledOp, Op, check_like, check_rows, first_order_only
 from .norms import l2_normalize
-
-SECOND_ORDER_ERROR = (
-    "second-order gradients (create_graph=True) through info_nce are supported only by the torch "
-    "backend with negatives that require grad; this call's backward is first-order only"
-)
+from .self_check import SEED, Tolerance, compare, grads, leaves, rand
 
 
 def reference(
@@ -128,26 +127,38 @@ BACKWARD = CompiledOp(
     "bool need_negatives) -> (Tensor, Tensor, Tensor)",
     _fake_backward,
 )
-OPS = (FORWARD, BACKWARD)
 
 
-def compiled(
-    namespace: str,
-    query: torch.Tensor,
-    positive: torch.Tensor,
-    negatives: torch.Tensor,
-    neg_index: Optional[torch.Tensor],
-    temperature: float,
-    normalize: bool,
-) -> torch.Tensor:
-    """The per-row loss [B] (accumulation dtype) from ``namespace``'s compiled ops.
-
-    When the bank needs no gradient and the query does (the memory-bank case), the forward also
-    computes the bank's part of d loss / d q and backward only scales it: the bank is read once and
-    not saved.
-    """
+def _call(forward, query, positive, negatives, *rest):
+    """The per-row loss [B] from the forward operator. When the bank needs no gradient and the query
+    does (the memory-bank case), the forward also computes the bank's part of d loss / d q and
+    backward only scales it: the bank is read once and not saved."""
     compute_dq = torch.is_grad_enabled() and query.requires_grad and not negatives.requires_grad
-    loss, _, _ = FORWARD.resolve(namespace)(
-        query, positive, negatives, neg_index, float(temperature), bool(normalize), compute_dq
-    )
-    return loss
+    return forward(query, positive, negatives, *rest, compute_dq)[0]
+
+
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: the four variants the pipeline runs, values and gradients."""
+    gen = torch.Generator().manual_seed(SEED)
+    B, K, D, M = 4, 9, 12, 5
+    temperature = 0.2  # moderate logits: the gradients stay O(10), where the tolerances mean what they say
+    q, p, n = (rand(gen, shape, device, dtype) for shape in ((B, D), (B, D), (K, D)))
+    idx = torch.randint(K, (B, M), generator=gen).to(device)
+    upstream = rand(gen, (B,), device, torch.float32, 0.5, 1.5)
+    # the variants the pipeline runs: a bank with and without gradient (memory/queue rows are
+    # constants), and a gathered bank (neg_index) with and without (memory bank; in-batch negatives)
+    for neg_index, bank_grad in ((None, True), (None, False), (idx, False), (idx, True)):
+        variant = f"info_nce_rows ({'neg_index' if neg_index is not None else 'shared bank'}, " \
+                  f"negatives {'with' if bank_grad else 'without'} grad)"
+        need = (True, True, bank_grad)
+        ours, refs = leaves([q, p, n], need)
+        got = fn(*ours, neg_index, temperature, True)
+        want = reference(*refs, neg_index, temperature, True)
+        compare(f"{variant}: loss", got, want, tol)
+        for name, g, w in zip(("d query", "d positive", "d negatives"),
+                              grads(got, ours, upstream), grads(want, refs, upstream)):
+            compare(f"{variant}: {name}", g, w, tol)
+
+
+OP = Op("info_nce", "info_nce_rows", reference, torch=chunked.info_nce_rows, compiled=(FORWARD, BACKWARD), call=_call,
+        self_check=_self_check)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .._numerics import acc_dtype
+from .contract import Op
 from .norms import l2_normalize
 
 
@@ -48,3 +49,6 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(x)) exactly: F.softplus returns x itself above 20, an error of up to e^-20 a score,
     which CRD's large Z (scores of 20 and more) turns into 1e-9 in a float64 loss."""
     return torch.logaddexp(x, torch.zeros_like(x))
+
+
+OP = Op("nce", "nce_rows", reference, compiled_in=())

@@ -1,13 +1,15 @@
-"""The PGD random start op: its definition and the Triton backend's fused linf start."""
+"""The PGD random start op: its definition and the Triton backend's fused linf start (the other
+backends run the reference: torch's RNG draws exactly torchattacks' start, one elementwise pass)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .contract import CompiledOp
+from .contract import CompiledOp, Op
 from .norms import per_sample
 from .pgd_step import split_scalar
+from .self_check import SEED, SelfCheckMismatch, Tolerance, rand
 
 
 def reference(
@@ -40,11 +42,35 @@ def _fake_linf(x_nat, eps_t, eps, seed):
 
 
 # clamp(x_nat + U(-eps, eps), 0, 1), the noise keyed by (seed, flat element index).
-LINF_START = CompiledOp("linf_random_start", "(Tensor x_nat, Tensor? eps_t, float eps, int seed) -> Tensor",
+LINF_START = CompiledOp("pgd_random_start_linf", "(Tensor x_nat, Tensor? eps_t, float eps, int seed) -> Tensor",
                         _fake_linf)
 
 
-def compiled_linf(namespace: str, x_nat: torch.Tensor, eps: float | torch.Tensor, seed: int) -> torch.Tensor:
-    """The linf start by ``namespace``'s compiled op: a new tensor like ``x_nat`` [B, ...]."""
-    e_t, e = split_scalar(eps)
-    return LINF_START.resolve(namespace)(x_nat, e_t, e, int(seed))
+def _call(start, x_nat, eps, norm, generator):
+    """The linf start from the operator, keyed on a seed drawn from ``generator`` (so reproducible
+    for a given generator state): a new tensor like ``x_nat`` [B, ...]."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=device))
+    return start(x_nat, *split_scalar(eps), seed)
+
+
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """Random draws differ between backends by design: the start must lie in the eps-ball and [0, 1]."""
+    gen = torch.Generator().manual_seed(SEED)
+    x_nat = rand(gen, (3, 2, 5), device, dtype, 0.0, 1.0)
+    eps = 0.1
+    draw = torch.Generator(device=device).manual_seed(SEED)
+    got = fn(x_nat, eps, "linf", draw)
+    if tuple(got.shape) != tuple(x_nat.shape) or got.dtype != x_nat.dtype or got.device != x_nat.device:
+        raise SelfCheckMismatch(f"pgd_random_start: got {tuple(got.shape)} {got.dtype} on {got.device}, expected "
+                                f"{tuple(x_nat.shape)} {x_nat.dtype} on {x_nat.device}")
+    g, x = got.detach().to("cpu", torch.float64), x_nat.to("cpu", torch.float64)
+    atol = tol[0] + tol[1]
+    if not (bool(torch.isfinite(g).all()) and bool(((g - x).abs() <= eps + atol).all())
+            and bool((g >= -atol).all()) and bool((g <= 1 + atol).all())):
+        raise SelfCheckMismatch("pgd_random_start (linf): a start outside the eps-ball or [0, 1]")
+
+
+OP = Op("pgd_random_start", "pgd_random_start", reference, compiled=(LINF_START,), call=_call,
+        compiled_when=lambda x_nat, eps, norm, generator: norm == "linf", compiled_in=("triton",),
+        torch_elsewhere=True, self_check=_self_check)

@@ -1,13 +1,14 @@
 """The PGD step op: its definition and the contract of its compiled backends."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .._numerics import acc_dtype
-from .contract import CompiledOp, check_like
+from .contract import CompiledOp, Op, check_like
 from .norms import per_sample, sample_norms
+from .self_check import SEED, Tolerance, compare, rand
 
 
 def l2_direction(grad: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,6 @@ STEP = CompiledOp(
     "float clip_min, float clip_max, str norm) -> ()",
     _fake,
 )
-OPS = (STEP,)
 
 
 def split_scalar(v: float | torch.Tensor) -> tuple[Optional[torch.Tensor], float]:
@@ -91,23 +91,29 @@ def split_scalar(v: float | torch.Tensor) -> tuple[Optional[torch.Tensor], float
     return (v, 0.0) if isinstance(v, torch.Tensor) else (None, float(v))
 
 
-def compiled(
-    namespace: str,
-    x_adv: torch.Tensor,
-    grad: torch.Tensor,
-    x_nat: torch.Tensor,
-    alpha: float | torch.Tensor,
-    eps: float | torch.Tensor,
-    clip_min: float,
-    clip_max: float,
-    norm: str,
-) -> torch.Tensor:
-    """One step in place on ``x_adv`` [B, ...] by ``namespace``'s compiled op; returns ``x_adv``.
-    The op writes a contiguous tensor: a strided ``x_adv`` gets the result copied back."""
-    a_t, a = split_scalar(alpha)
-    e_t, e = split_scalar(eps)
+def _call(step, x_adv, grad, x_nat, alpha, eps, clip_min, clip_max, norm):
+    """The step in place on ``x_adv`` through the operator, which writes a contiguous tensor: a
+    strided ``x_adv`` gets the result copied back."""
     target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
-    STEP.resolve(namespace)(target, grad, x_nat, a_t, a, e_t, e, float(clip_min), float(clip_max), norm)
+    step(target, grad, x_nat, *split_scalar(alpha), *split_scalar(eps), float(clip_min), float(clip_max), norm)
     if target is not x_adv:
         x_adv.copy_(target)
     return x_adv
+
+
+def _self_check(fn: Callable, device: torch.device, dtype: torch.dtype, tol: Tolerance) -> None:
+    """The first-use check: linf with scalars, l2 with a per-sample eps."""
+    gen = torch.Generator().manual_seed(SEED)
+    shape = (3, 2, 5)
+    x_nat = rand(gen, shape, device, dtype, 0.0, 1.0)
+    x_adv = (x_nat + rand(gen, shape, device, dtype, -0.05, 0.05)).clamp(0, 1)
+    grad = rand(gen, shape, device, dtype)
+    eps_t = rand(gen, (shape[0],), device, dtype, 0.02, 0.1)
+    for norm, alpha, eps in (("linf", 0.03, 0.06), ("l2", 0.1, eps_t)):
+        got = fn(x_adv.clone(), grad, x_nat, alpha, eps, 0.0, 1.0, norm)
+        want = reference(x_adv.to(torch.float64), grad.to(torch.float64), x_nat.to(torch.float64), alpha,
+                         eps.to(torch.float64) if isinstance(eps, torch.Tensor) else eps, 0.0, 1.0, norm)
+        compare(f"pgd_step_ ({norm}): x_adv", got, want, tol)
+
+
+OP = Op("pgd_step", "pgd_step_", reference, compiled=(STEP,), call=_call, self_check=_self_check)

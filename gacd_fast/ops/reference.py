@@ -1,8 +1,9 @@
-"""The reference: the plain-PyTorch definition of every op, gathered in one namespace.
+"""Every op of the library: :data:`OPS`, and the plain-PyTorch definitions gathered in one namespace.
 
 Each op's module (``info_nce.py``, ``nce.py``, ``l2_normalize.py``, ``cosine_similarity.py``,
-``pgd_step.py``, ``pgd_random_start.py``) defines it as its ``reference``; every backend is checked
-against these. Inputs are assumed validated (see ``gacd_fast.functional``).
+``pgd_step.py``, ``pgd_random_start.py``) declares it as its ``OP`` (``contract.Op``), with its
+``reference``; the backends build their entries from :data:`OPS` (``entries.py``) and every backend
+is checked against these references. Inputs are assumed validated (see ``gacd_fast.functional``).
 """
 from __future__ import annotations
 
@@ -16,14 +17,9 @@ from . import pgd_step as _pgd_step
 from .norms import l2_normalize as l2_normalize_rows
 from .pgd_step import l2_direction
 
-__all__ = [
-    "info_nce_rows", "nce_rows", "l2_normalize", "cosine_similarity", "pgd_step_", "pgd_random_start",
-    "l2_direction", "l2_normalize_rows", "acc_dtype", "NORM_EPS",
-]
+# A new op is one more entry here.
+OPS = (_info_nce.OP, _nce.OP, _l2_normalize.OP, _cosine_similarity.OP, _pgd_step.OP, _pgd_random_start.OP)
 
-info_nce_rows = _info_nce.reference
-nce_rows = _nce.reference
-l2_normalize = _l2_normalize.reference
-cosine_similarity = _cosine_similarity.reference
-pgd_step_ = _pgd_step.reference
-pgd_random_start = _pgd_random_start.reference
+__all__ = [*(op.entry for op in OPS), "OPS", "l2_direction", "l2_normalize_rows", "acc_dtype", "NORM_EPS"]
+
+globals().update({op.entry: op.reference for op in OPS})  # reference.info_nce_rows, reference.pgd_step_, ...

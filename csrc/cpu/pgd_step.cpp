@@ -1,10 +1,8 @@
-// CPU kernels of the row-wise and element-wise ops: pgd_step_, normalize, cosine_similarity
-// (forward and backward). Row norms and dots accumulate in double for float/half/bfloat16 inputs:
-// these ops are O(N*D), so the extra precision is free next to memory traffic.
+// CPU kernel of pgd_step_: one PGD step in place, linf (each op rounded as torch's eager sequence:
+// bitwise in float32) or l2 (per-sample norms in the accumulation dtype).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -141,150 +139,7 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x
   });
 }
 
-// Row statistics in double: inverse of max(||x||, eps), and whether the norm passed eps (then the
-// normalisation's Jacobian has its projection term).
-inline void row_unit(double ss, double& inv, bool& proj) {
-  const double n = std::sqrt(ss);
-  proj = n >= kNormEps;
-  inv = 1.0 / std::max(n, kNormEps);
-}
-
-at::Tensor normalize_cpu(const at::Tensor& x_in) {
-  check_rows("x", x_in);
-  const auto x = x_in.contiguous();
-  auto out = at::empty_like(x);
-  const int64_t N = x.size(0), D = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normalize_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        double ss = 0, inv;
-        bool proj;
-        for (int64_t d = 0; d < D; ++d) ss += double(xp[r * D + d]) * double(xp[r * D + d]);
-        row_unit(ss, inv, proj);
-        const acc_t denom = static_cast<acc_t>(1.0 / inv);
-        if (std::isfinite(denom)) {
-          for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(static_cast<acc_t>(xp[r * D + d]) / denom);
-        } else {  // a finite float row whose norm exceeds float's range (e.g. 20 x 1e38): divide in double
-          for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(double(xp[r * D + d]) * inv);
-        }
-      }
-    });
-  });
-  return out;
-}
-
-at::Tensor normalize_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  check_rows("x", x_in);
-  check_grad_like("normalize_backward", grad_in, x_in.sizes(), x_in);
-  const auto x = x_in.contiguous();
-  const auto g = grad_in.to(x.scalar_type()).contiguous();
-  auto out = at::empty_like(x);
-  const int64_t N = x.size(0), D = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normalize_backward_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xr = xp + r * D;
-        const scalar_t* gr = gp + r * D;
-        double ss = 0, xg = 0, inv;
-        bool proj;
-        for (int64_t d = 0; d < D; ++d) {
-          ss += double(xr[d]) * double(xr[d]);
-          xg += double(xr[d]) * double(gr[d]);
-        }
-        row_unit(ss, inv, proj);
-        // dx = inv * (g - xhat (xhat . g)) where the norm passed eps, else g / eps.
-        const double c = proj ? xg * inv * inv : 0.0;
-        for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(inv * (double(gr[d]) - double(xr[d]) * c));
-      }
-    });
-  });
-  return out;
-}
-
-// Dot product and inverse norms (with F.normalize's eps rule) of row r of a and b, in double.
-struct RowPair {
-  double ab, ia, ib;
-  bool pa, pb;  // ||row|| >= eps: the Jacobian's projection term applies
-};
-
-template <typename scalar_t>
-RowPair row_pair(const scalar_t* ap, const scalar_t* bp, int64_t r, int64_t D) {
-  double aa = 0, bb = 0;
-  RowPair p{0, 0, 0, false, false};
-  for (int64_t d = 0; d < D; ++d) {
-    const double x = ap[r * D + d], y = bp[r * D + d];
-    aa += x * x; bb += y * y; p.ab += x * y;
-  }
-  row_unit(aa, p.ia, p.pa);
-  row_unit(bb, p.ib, p.pb);
-  return p;
-}
-
-at::Tensor cosine_similarity_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
-  check_pair("cosine_similarity", a_in, b_in);
-  const auto a = a_in.contiguous(), b = b_in.contiguous();
-  const int64_t N = a.size(0), D = a.size(1);
-  auto out = at::empty({N}, a.options().dtype(acc_type(a.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cosine_similarity_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
-    acc_t* op = out.data_ptr<acc_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const RowPair rp = row_pair(ap, bp, r, D);
-        op[r] = static_cast<acc_t>(rp.ab * rp.ia * rp.ib);
-      }
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(const at::Tensor& grad_in, const at::Tensor& a_in,
-                                                                  const at::Tensor& b_in) {
-  check_pair("cosine_similarity_backward", a_in, b_in);
-  check_grad_like("cosine_similarity_backward", grad_in, {a_in.size(0)}, a_in);
-  const auto a = a_in.contiguous(), b = b_in.contiguous();
-  const auto g = grad_in.to(at::kDouble).contiguous();
-  auto da = at::empty_like(a), db = at::empty_like(b);
-  const int64_t N = a.size(0), D = a.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cosine_similarity_backward_cpu", [&] {
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
-    const double* gp = g.data_ptr<double>();
-    scalar_t* dap = da.data_ptr<scalar_t>();
-    scalar_t* dbp = db.data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const RowPair rp = row_pair(ap, bp, r, D);
-        const double ab = rp.ab, ia = rp.ia, ib = rp.ib;
-        const bool pa = rp.pa, pb = rp.pb;
-        const double cos = ab * ia * ib, gr = gp[r];
-        // d cos / d a = ia * (bhat - [proj] ahat cos), and symmetrically for b.
-        for (int64_t d = 0; d < D; ++d) {
-          const double ah = ap[r * D + d] * ia, bh = bp[r * D + d] * ib;
-          dap[r * D + d] = static_cast<scalar_t>(gr * ia * (bh - (pa ? ah * cos : 0.0)));
-          dbp[r * D + d] = static_cast<scalar_t>(gr * ib * (ah - (pb ? bh * cos : 0.0)));
-        }
-      }
-    });
-  });
-  return {da, db};
-}
-
 }  // namespace
 }  // namespace gacd_fast
 
-TORCH_LIBRARY_IMPL(gacd_fast, CPU, m) {
-  m.impl("pgd_step_", &gacd_fast::pgd_step_cpu);
-  m.impl("l2_normalize", &gacd_fast::normalize_cpu);
-  m.impl("l2_normalize_backward", &gacd_fast::normalize_backward_cpu);
-  m.impl("cosine_similarity", &gacd_fast::cosine_similarity_cpu);
-  m.impl("cosine_similarity_backward", &gacd_fast::cosine_similarity_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(gacd_fast, CPU, m) { m.impl("pgd_step_", &gacd_fast::pgd_step_cpu); }

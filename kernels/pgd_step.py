@@ -1,4 +1,4 @@
-"""Fused PGD step (linf, l2) and the linf random start: kernels and launchers.
+"""The ``pgd_step_`` op's kernels and launcher: one fused PGD step, linf or l2, in place.
 
 linf mirrors the reference (torchattacks' order) op for op, rounding to the image dtype after each
 torch op, so float32 results are bitwise equal:
@@ -20,16 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, pow2
-
-
-@triton.jit
-def _rnd(v, dt: tl.constexpr):
-    """Round fp32 ``v`` to ``dt`` (round-to-nearest-even, also under the interpreter) and back to fp32."""
-    if dt == tl.float32:
-        return v
-    else:
-        return v.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+from ._common import cdiv, elementwise_block, interpreting, pow2, round_to
 
 
 @triton.jit
@@ -38,7 +29,7 @@ def _sign(g):
 
 
 @triton.jit
-def _pgd_linf_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, alpha_f, eps_f, lo, hi, numel, row_len,
+def _pgd_step_linf_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, alpha_f, eps_f, lo, hi, numel, row_len,
                      ALPHA_T: tl.constexpr, EPS_T: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -56,13 +47,13 @@ def _pgd_linf_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, alpha_f, eps_f, 
         e = tl.load(eps_ptr + row, mask=mask, other=0.0).to(tl.float32)
     else:
         e = eps_f
-    step = _rnd(a * _sign(g), dt)
-    adv = _rnd(x.to(tl.float32) + step, dt)
-    d = _rnd(adv - nat, dt)
+    step = round_to(a * _sign(g), dt)
+    adv = round_to(x.to(tl.float32) + step, dt)
+    d = round_to(adv - nat, dt)
     # torch clamps against a Python scalar in fp32 (opmath) and rounds the result
-    delta = _rnd(tl.minimum(tl.maximum(d, -e), e), dt)
-    out = _rnd(nat + delta, dt)
-    out = _rnd(tl.minimum(tl.maximum(out, lo), hi), dt)
+    delta = round_to(tl.minimum(tl.maximum(d, -e), e), dt)
+    out = round_to(nat + delta, dt)
+    out = round_to(tl.minimum(tl.maximum(out, lo), hi), dt)
     tl.store(x_ptr + offs, out.to(dt, fp_downcast_rounding="rtne") if dt != tl.float32 else out, mask=mask)
 
 
@@ -84,7 +75,7 @@ def _l2_delta(x, g, nat, a, gmax, unorm):
 
 
 @triton.jit
-def _l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gmax_ptr, unorm_ptr, part_ptr, row_len, n_chunks,
+def _pgd_step_l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gmax_ptr, unorm_ptr, part_ptr, row_len, n_chunks,
                        PHASE: tl.constexpr, BLOCK: tl.constexpr):
     """Per (sample, chunk): PHASE 0 max |grad| (NaN skipped); 1 sum of u^2; 2 sum of delta^2."""
     b = tl.program_id(0).to(tl.int64)
@@ -110,7 +101,7 @@ def _l2_partial_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, gmax_ptr, unorm_ptr, pa
 
 
 @triton.jit
-def _l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gmax_ptr, unorm_ptr, dnorm_ptr, lo, hi, row_len,
+def _pgd_step_l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gmax_ptr, unorm_ptr, dnorm_ptr, lo, hi, row_len,
                      BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
@@ -128,33 +119,10 @@ def _l2_apply_kernel(x_ptr, g_ptr, nat_ptr, alpha_ptr, eps_ptr, gmax_ptr, unorm_
     dn = tl.load(dnorm_ptr + b)
     delta = _l2_delta(xr.to(tl.float32), g, nat_r.to(tl.float32), a, gmax, un)
     scale = tl.where(dn > e, e / dn, 1.0)
-    delta = _rnd(delta * scale, dt)
-    out = _rnd(nat_r.to(tl.float32) + delta, dt)
-    out = _rnd(tl.minimum(tl.maximum(out, lo), hi), dt)
+    delta = round_to(delta * scale, dt)
+    out = round_to(nat_r.to(tl.float32) + delta, dt)
+    out = round_to(tl.minimum(tl.maximum(out, lo), hi), dt)
     tl.store(x_ptr + offs, out.to(dt, fp_downcast_rounding="rtne") if dt != tl.float32 else out, mask=mask)
-
-
-@triton.jit
-def _linf_random_start_kernel(x_ptr, out_ptr, eps_ptr, eps_f, seed, numel, row_len,
-                              EPS_T: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if EPS_T:
-        e = tl.load(eps_ptr + offs // row_len, mask=mask, other=0.0).to(tl.float32)
-    else:
-        e = eps_f
-    r = tl.rand(seed, offs)  # Philox, keyed by (seed, flat element index): reproducible
-    noise = _rnd((r * 2.0 - 1.0) * e, x.dtype)
-    out = _rnd(x.to(tl.float32) + noise, x.dtype)
-    out = tl.minimum(tl.maximum(out, 0.0), 1.0)
-    tl.store(out_ptr + offs, _rnd(out, x.dtype).to(x.dtype), mask=mask)
-
-
-def _elementwise_block(numel: int) -> int:
-    # The interpreter's cost grows with the number of programs: use big blocks there.
-    return pow2(numel, 16, 1 << 16) if interpreting() else 1024
 
 
 def _row_block(row_len: int) -> int:
@@ -168,9 +136,7 @@ def _per_sample_f32(v: Optional[torch.Tensor], f: float, batch: int, device: tor
     return torch.full((batch,), f, dtype=torch.float32, device=device)
 
 
-def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha_t: Optional[torch.Tensor],
-              alpha: float, eps_t: Optional[torch.Tensor], eps: float, clip_min: float, clip_max: float,
-              norm: str) -> None:
+def pgd_step_(x_adv, grad, x_nat, alpha_t, alpha, eps_t, eps, clip_min, clip_max, norm) -> None:
     """The ``pgd_step_`` kernel (schema: gacd_fast/ops/pgd_step.py): one step in place on ``x_adv``
     [B, ...] (fp16/bf16/fp32; ``grad``, ``x_nat`` alike). Tensors alpha_t/eps_t [B] override the floats."""
     x = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
@@ -184,8 +150,8 @@ def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alph
     if norm == "linf":
         a_t = alpha_t.to(dt).contiguous() if alpha_t is not None else None
         e_t = eps_t.to(dt).contiguous() if eps_t is not None else None
-        block = _elementwise_block(numel)
-        _pgd_linf_kernel[(cdiv(numel, block),)](
+        block = elementwise_block(numel)
+        _pgd_step_linf_kernel[(cdiv(numel, block),)](
             x, g, nat, a_t if a_t is not None else x, e_t if e_t is not None else x,
             float(alpha), float(eps), lo, hi, numel, row_len,
             ALPHA_T=a_t is not None, EPS_T=e_t is not None, BLOCK=block,
@@ -198,31 +164,12 @@ def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alph
         chunks = cdiv(row_len, block)
         part = torch.empty((batch, chunks), dtype=torch.float32, device=x.device)
         grid = (batch, chunks)
-        _l2_partial_kernel[grid](x, g, nat, a32, a32, a32, part, row_len, chunks, PHASE=0, BLOCK=block)
+        _pgd_step_l2_partial_kernel[grid](x, g, nat, a32, a32, a32, part, row_len, chunks, PHASE=0, BLOCK=block)
         gmax = part.amax(1)
-        _l2_partial_kernel[grid](x, g, nat, a32, gmax, a32, part, row_len, chunks, PHASE=1, BLOCK=block)
+        _pgd_step_l2_partial_kernel[grid](x, g, nat, a32, gmax, a32, part, row_len, chunks, PHASE=1, BLOCK=block)
         unorm = part.sum(1).sqrt()  # fixed-order reduction of the partials: deterministic
-        _l2_partial_kernel[grid](x, g, nat, a32, gmax, unorm, part, row_len, chunks, PHASE=2, BLOCK=block)
+        _pgd_step_l2_partial_kernel[grid](x, g, nat, a32, gmax, unorm, part, row_len, chunks, PHASE=2, BLOCK=block)
         dnorm = part.sum(1).sqrt()
-        _l2_apply_kernel[grid](x, g, nat, a32, e32, gmax, unorm, dnorm, lo, hi, row_len, BLOCK=block)
+        _pgd_step_l2_apply_kernel[grid](x, g, nat, a32, e32, gmax, unorm, dnorm, lo, hi, row_len, BLOCK=block)
     if x is not x_adv:
         x_adv.copy_(x)
-
-
-def linf_random_start(x_nat: torch.Tensor, eps_t: Optional[torch.Tensor], eps: float, seed: int) -> torch.Tensor:
-    """The ``linf_random_start`` kernel: clamp(x_nat + U(-eps, eps), 0, 1) as a new tensor like
-    ``x_nat`` [B, ...] (fp16/bf16/fp32); ``eps_t`` [B] overrides ``eps``.
-
-    The noise is Philox keyed by (seed, flat element index): the same seed gives the same result.
-    """
-    x = x_nat.contiguous()
-    out = torch.empty_like(x)
-    numel = x.numel()
-    row_len = numel // x.shape[0]
-    e_t = eps_t.to(torch.float32).contiguous() if eps_t is not None else None
-    block = _elementwise_block(numel)
-    _linf_random_start_kernel[(cdiv(numel, block),)](
-        x, out, e_t if e_t is not None else x, float(eps), int(seed), numel, row_len,
-        EPS_T=e_t is not None, BLOCK=block,
-    )
-    return out
