@@ -11,11 +11,14 @@ nice -n 8 gacd-fast study --dataset digits --seeds 0 1 2 --methods $ALL --banks 
 
 # MNIST-5k: one teacher shared by 3 student seeds (on the teacher's split)
 nice -n 10 gacd-fast train-teacher --dataset mnist5k --out runs/mnist5k_teacher --threads 1 --no-progress
-# a first pass trained the students of "at ard rslad iad adaad gacd" (--autoattack 0; stopped during
-# seed 0's gacd); this run finished it with --resume (students already trained are kept, the state
-# file continues an interrupted one), trained the rest and evaluated every model with AutoAttack
+# Seed 0's students were started by earlier passes of this command (first with "at ard rslad iad adaad
+# gacd" and --autoattack 0, then every method with the default 200 images), each stopped for time;
+# this run finished them with --resume (finished students are kept, a state file continues an
+# interrupted one), trained the rest and evaluated every model without AutoAttack (on this loaded
+# 2-core machine AutoAttack took 20 minutes for the MNIST-5k teacher alone, on 100 images)
 nice -n 5 gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt \
-    --methods $ALL --banks memory --eps-sweep 0 --threads 1 --no-progress --resume --out runs/study_mnist5k
+    --methods $ALL --banks memory --autoattack 0 --eps-sweep 0 --threads 1 --no-progress --resume \
+    --out runs/study_mnist5k
 
 # the tables of docs/method_study.md
 python docs/results/method_study/tables.py docs/results/method_study/digits/study.json

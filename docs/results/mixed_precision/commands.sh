@@ -20,3 +20,9 @@ python docs/results/mixed_precision/attack_strength.py --threads 1 --limit 250 \
 
 # the op-level cost of a bf16 bank
 python docs/results/mixed_precision/bank_dtype_error.py
+
+# --compile against eager (compile_digits.json: the epoch times of each run's log)
+for c in '' --compile '' --compile; do
+  gacd-fast distill --dataset digits --teacher runs/i20/digits_teacher/teacher.pt --method gacd --epochs 3 \
+      --threads 1 --no-progress $c --out runs/compile/pair$RANDOM
+done
