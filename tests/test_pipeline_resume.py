@@ -135,3 +135,61 @@ def test_resume_the_newer_baselines(tmp_path):
         assert strip(a["history"]) == strip(b["history"]), method
         if method == "iad":
             assert "introspection_loss" not in a["history"][0] and "introspection_loss" in a["history"][1]
+
+
+def test_config_mismatch_reads_runs_of_older_versions():
+    """A run saved before an option existed resumes when the option is at its declared default (the
+    behaviour from before it), not when it is set otherwise; None defaults come from the dataset."""
+    from gacd_fast.distill.train import config_mismatch
+
+    now = {"dataset": "mnist5k", "epochs": 8, "precision": "fp32", "bank_dtype": "fp32", "compile": False,
+           "kd_kl_reduction": "batchmean"}
+    old = {"dataset": "mnist5k", "epochs": 8}
+    assert config_mismatch(old, now) == []
+    assert config_mismatch(old, {**now, "precision": "bf16"}) == ["precision"]
+    assert config_mismatch(old, {**now, "unknown_new_key": 1}) == ["unknown_new_key"]
+    assert config_mismatch({**old, "epochs": 4}, now) == ["epochs"]
+
+
+def test_resume_a_checkpoint_of_an_older_version(tmp_path, capsys):
+    """A finished teacher whose saved config lacks the options added since (precision, ...) is
+    reused by --resume instead of refused."""
+    out = str(tmp_path / "t")
+    args = ["train-teacher", "--out", out, "--epochs", "1", "--train-limit", "32", "--test-limit", "8",
+            "--attack-steps", "1", "--no-progress"]
+    assert main(args) == 0
+    path = os.path.join(out, "teacher.pt")
+    meta = torch.load(path, weights_only=True)
+    for key in ("precision", "eval_precision", "channels_last", "compile"):
+        del meta["config"][key]
+    atomic_torch_save(meta, path)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "is finished, not retrained" in capsys.readouterr().out
+
+
+def test_evaluate_resume_reuses_a_finished_evaluation(tmp_path, capsys):
+    """evaluate --resume does not run the attacks again on the same files with the same options; a
+    changed option or a changed checkpoint is evaluated again."""
+    t = str(tmp_path / "t")
+    assert main(["train-teacher", "--out", t, "--epochs", "1", "--train-limit", "32", "--test-limit", "8",
+                 "--attack-steps", "1", "--no-progress"]) == 0
+    teacher = os.path.join(t, "teacher.pt")
+    out = str(tmp_path / "e")
+    ev = ["evaluate", "--teacher", teacher, "--out", out, "--test-limit", "8", "--train-limit", "32",
+          "--probe-epochs", "1", "--eps-sweep", "0", "--transfer", "none", "--no-progress", "--pgd-steps", "2"]
+    assert main(ev) == 0
+    results = os.path.join(out, "results.json")
+    doc = json.load(open(results))
+    assert set(doc["inputs"]) == {"teacher"}
+    capsys.readouterr()
+    assert main([*ev, "--resume"]) == 0
+    assert "not evaluated again" in capsys.readouterr().out
+    assert json.load(open(results)) == doc  # untouched
+    assert main([*ev, "--resume", "--cw-steps", "2"]) == 0
+    assert "not evaluated again" not in capsys.readouterr().out
+    meta = torch.load(teacher, weights_only=True)
+    meta["seconds"] = 1.0  # another file, the same options
+    atomic_torch_save(meta, teacher)
+    assert main([*ev, "--resume", "--cw-steps", "2"]) == 0
+    assert "not evaluated again" not in capsys.readouterr().out

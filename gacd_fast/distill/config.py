@@ -7,6 +7,7 @@ A field left at ``None`` takes the dataset's default from :data:`DATASET_DEFAULT
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -377,6 +378,23 @@ def _check_seeds_and_name(cfg: Any) -> None:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+@functools.cache
+def option_defaults() -> dict[str, Any]:
+    """Each option's declared default, over every subcommand's config; an option whose default
+    differs between subcommands (``method``, ``out_dir``, ...) is left out. ``--resume`` compares a
+    run saved before an option existed as if it had run with this default (the value that keeps an
+    option's earlier behaviour)."""
+    found: dict[str, Any] = {}
+    clashing: set[str] = set()
+    for cls in (TeacherConfig, DistillConfig, EvaluateConfig, DemoConfig, StudyConfig):
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in found and found[f.name] != value:
+                clashing.add(f.name)
+            found.setdefault(f.name, value)
+    return {k: v for k, v in found.items() if k not in clashing}
 
 
 # config-file spellings accepted for a field (the CLI flag names)

@@ -13,6 +13,7 @@ process group is closed (the other ranks return at once: they have nothing to wa
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -40,8 +41,8 @@ from .models import build_model
 from .report import format_table, write_results
 from .study import compare, format_comparisons, format_summary, noise_report, summarize, write_study
 from .. import _precision
-from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, Speed, check_resumable, fit, load_checkpoint,
-                    pick_device, save_checkpoint)
+from .train import (TEACHER_HASH_KEY, EpochEndCallback, Logger, Speed, check_resumable, config_mismatch, fit,
+                    load_checkpoint, pick_device, save_checkpoint)
 
 
 def _locked(command: str):
@@ -239,6 +240,13 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     log = log or own_log
     if not cfg.teacher and not cfg.teacher_factory and not cfg.checkpoints:
         raise ValueError("nothing to evaluate: give --teacher (or --teacher-factory) and/or --checkpoints")
+    inputs = _evaluation_inputs(cfg)
+    done = _finished_evaluation(cfg, inputs, nested=run_config is not None)
+    if done is not None:
+        log(f"[eval] --resume: {os.path.join(cfg.out_dir, 'results.json')} holds this evaluation of these "
+            f"{len(done)} model files (same content, same options): not evaluated again")
+        log(format_table(done, (title or cfg.dataset) + f": eps {cfg.eps:.4g}"))
+        return done
     data = _data(cfg)
     models: dict[str, torch.nn.Module] = {}
     metas: dict[str, dict[str, Any]] = {}
@@ -297,9 +305,43 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     log(table)
     paths = write_results(rows, cfg.out_dir, dataset=cfg.dataset, eps=cfg.eps, device=str(device), config={**run_config, "evaluation": to_dict(cfg)} if run_config else to_dict(cfg),
                           title=title, sweep=sweep, histories={k: m.get("history", []) for k, m in metas.items()},
-                          chance={k: c for k, m in metas.items() if (c := gacd_chance(m.get("config") or {})) is not None})
+                          chance={k: c for k, m in metas.items() if (c := gacd_chance(m.get("config") or {})) is not None},
+                          inputs=inputs)
     log(f"[eval] wrote {', '.join(paths.values())}")
     return rows
+
+
+def _evaluation_inputs(cfg: EvaluateConfig) -> dict[str, str]:
+    """Model name (as in the results) -> the content hash of the file it is read from: the teacher
+    checkpoint (or --teacher-weights) and each checkpoint."""
+    inputs = {}
+    teacher_file = cfg.teacher or cfg.teacher_weights
+    if teacher_file and os.path.isfile(teacher_file):
+        inputs["teacher"] = runs.file_sha256(teacher_file)
+    for path in cfg.checkpoints:
+        key = os.path.splitext(os.path.basename(path))[0]
+        key = key if key not in inputs else path
+        if os.path.isfile(path):
+            inputs[key] = runs.file_sha256(path)
+    return inputs
+
+
+def _finished_evaluation(cfg: EvaluateConfig, inputs: dict[str, str], *, nested: bool) -> list[dict[str, Any]] | None:
+    """With --resume: the rows of ``<out>/results.json`` when it was written by an evaluation of the
+    same files (``inputs``) with the same options (``nested``: under a demo's or study's config, in
+    its "evaluation" key), so that an interrupted study does not run its attacks again; else None."""
+    path = os.path.join(cfg.out_dir, "results.json")
+    if not (cfg.resume and inputs and os.path.isfile(path)):
+        return None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        saved = doc["config"]["evaluation"] if nested else doc["config"]
+        if doc.get("inputs") != inputs or set(doc["methods"]) != set(inputs) or config_mismatch(saved, to_dict(cfg)):
+            return None
+        return [{"model": name, **row} for name, row in doc["methods"].items()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable or from an older gacd-fast: evaluate again
 
 
 def gacd_chance(config: dict[str, Any]) -> float | None:

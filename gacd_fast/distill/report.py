@@ -4,6 +4,7 @@ robust_vs_eps.png, training_curves.png), all written atomically.
 results.json::
 
     {"dataset": str, "eps": float, "device": str, "config": {...}, "versions": {...},
+     "inputs": {name: sha256 of the file it was read from (teacher, checkpoints, --teacher-weights)},
      "methods": {name: {"clean", "fgsm", "pgd20", "cw", "cka", "knn_agree", "seconds",
                         "probe_clean", "probe_pgd20", "transfer_clean", "transfer_pgd20", "transfer_cka",
                         "autoattack", "autoattack_n"}}}
@@ -14,7 +15,9 @@ a teacher); "seconds" the model's training wall time (null when its checkpoint d
 probe keys (a linear probe on the frozen features, same task) unless evaluate ran with
 --no-feature-probe; the transfer keys only when a transfer probe ran ("transfer_cka": linear CKA
 to the teacher's features on the transfer task's test images); the autoattack keys (accuracy,
-images used) only with --autoattack N.
+images used) only with --autoattack N. ``evaluate --resume`` (and a resumed demo or study) reuses
+a results.json whose "inputs" and evaluation options are those of the new run instead of evaluating
+again.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def format_table(rows: list[dict[str, Any]], title: str = "") -> str:
 
 
 def results_document(rows: list[dict[str, Any]], *, dataset: str, eps: float, device: str,
-                     config: dict[str, Any]) -> dict[str, Any]:
+                     config: dict[str, Any], inputs: dict[str, str] | None = None) -> dict[str, Any]:
     """The results.json mapping (see the module doc)."""
     methods = {}
     for r in rows:
@@ -87,21 +90,21 @@ def results_document(rows: list[dict[str, Any]], *, dataset: str, eps: float, de
         entry.setdefault("seconds", None)
         methods[r["model"]] = entry
     return {"dataset": dataset, "eps": float(eps), "device": str(device), "config": config,
-            "versions": versions(), "methods": methods}
+            "versions": versions(), "inputs": inputs or {}, "methods": methods}
 
 
 def write_results(rows: list[dict[str, Any]], out_dir: str, *, dataset: str, eps: float, device: str,
                   config: dict[str, Any], title: str = "", sweep: dict[str, Any] | None = None,
                   histories: dict[str, list[dict[str, Any]]] | None = None,
-                  chance: dict[str, float] | None = None) -> dict[str, str]:
+                  chance: dict[str, float] | None = None, inputs: dict[str, str] | None = None) -> dict[str, str]:
     """results.json/.csv/.png, curves.json and, when there is data for them, robust_vs_eps.png
     (``sweep``: {"eps": [...], "attack": "pgd20", "accuracy": {name: [...]}}) and
     training_curves.png (``histories``: name -> per-epoch rows; ``chance``: name -> log(K+1), the
-    contrastive loss of a student that cannot tell its positive from K negatives). Returns the
-    paths written."""
+    contrastive loss of a student that cannot tell its positive from K negatives; ``inputs``: model
+    name -> content hash of its file). Returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "csv", "png")}
-    doc = results_document(rows, dataset=dataset, eps=eps, device=device, config=config)
+    doc = results_document(rows, dataset=dataset, eps=eps, device=device, config=config, inputs=inputs)
     atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")
     cols: list[str] = []
     for r in rows:

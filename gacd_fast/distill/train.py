@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import _precision
 from . import parallel
 from .atomic import atomic_torch_save
+from .config import option_defaults
 from .data import ImageDataset, iterate
 from .methods import Method, StepOutput
 from .models import build_model
@@ -111,14 +112,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def config_mismatch(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
-    """Keys (outside RESUME_IGNORED_KEYS) whose values differ between two config dicts. A teacher
-    hash that ``saved`` lacks (a run from before it was recorded) is not compared."""
+    """Keys (outside RESUME_IGNORED_KEYS) whose values differ between two config dicts. ``saved``
+    may come from an older gacd-fast: an option it lacks is compared at its declared default
+    (:func:`.config.option_defaults`, the value that keeps the behaviour from before the option),
+    and not at all when that default is None (filled in from the dataset, which is compared). A
+    teacher hash that ``saved`` lacks (a run from before it was recorded) is not compared."""
     if saved is None or current is None:
         return []
     keys = (set(saved) | set(current)) - RESUME_IGNORED_KEYS
     if saved.get(TEACHER_HASH_KEY) is None:
         keys.discard(TEACHER_HASH_KEY)
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    defaults = option_defaults()
+    diff = []
+    for k in sorted(keys):
+        if k not in saved and k in defaults and defaults[k] is None:
+            continue
+        if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)):
+            diff.append(k)
+    return diff
 
 
 def check_resumable(path: str, saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
