@@ -9,20 +9,25 @@ ALL="natural at ard rslad iad adaad gacd gacd_guided gacd_feature"
 nice -n 8 gacd-fast study --dataset digits --seeds 0 1 2 --methods $ALL --banks memory --eps-sweep 0 \
     --threads 1 --no-progress --out runs/study_digits_methods
 
-# MNIST-5k: one teacher shared by 3 student seeds (on the teacher's split)
-nice -n 10 gacd-fast train-teacher --dataset mnist5k --out runs/mnist5k_teacher --threads 1 --no-progress
-# Seed 0's students were started by earlier passes of this command (first with "at ard rslad iad adaad
-# gacd" and --autoattack 0, then every method with the default 200 images), each stopped for time;
-# this run finished them with --resume (finished students are kept, a state file continues an
-# interrupted one), trained the rest and evaluated every model without AutoAttack (on this loaded
-# 2-core machine AutoAttack took 20 minutes for the MNIST-5k teacher alone, on 100 images)
+# MNIST-5k (round of 2026-12-03, a quiet 2-core CPU, the two studies side by side, one thread each):
+# one teacher shared by 3 student seeds (on the teacher's split), AutoAttack on 200 images per seed
+gacd-fast train-teacher --dataset mnist5k --out runs/mnist5k_teacher --threads 2 --no-progress
 nice -n 5 gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt \
-    --methods $ALL --banks memory --autoattack 0 --eps-sweep 0 --threads 1 --no-progress --resume \
-    --out runs/study_mnist5k
+    --methods $ALL --banks memory --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/study_mnist5k
+# a teacher per seed
+nice -n 5 gacd-fast study --dataset mnist5k --seeds 0 1 2 \
+    --methods $ALL --banks memory --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/study_mnist5k_tps
+# the soft-label baselines and GACD with a 10-step training attack, the shared teacher
+nice -n 5 gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt \
+    --methods ard rslad iad adaad gacd --banks memory --attack-steps 10 --autoattack 200 --eps-sweep 0 \
+    --threads 1 --no-progress --out runs/study_mnist5k_pgd10
+# (copied to mnist5k/, mnist5k_teacher_per_seed/ and mnist5k_pgd10/)
 
 # the tables of docs/method_study.md
 python docs/results/method_study/tables.py docs/results/method_study/digits/study.json
 python docs/results/method_study/tables.py docs/results/method_study/mnist5k/study.json
+python docs/results/method_study/tables.py docs/results/method_study/mnist5k_teacher_per_seed/study.json
+python docs/results/method_study/tables.py docs/results/method_study/mnist5k_pgd10/study.json
 
 # MNIST-5k, one seed: RSLAD with a 10-step training attack instead of the recipe's 3 (the check
 # docs/method_study.md asks for), evaluated like the study's models (no AutoAttack)
