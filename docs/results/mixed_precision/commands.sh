@@ -26,3 +26,20 @@ for c in '' --compile '' --compile; do
   gacd-fast distill --dataset digits --teacher runs/i20/digits_teacher/teacher.pt --method gacd --epochs 3 \
       --threads 1 --no-progress $c --out runs/compile/pair$RANDOM
 done
+
+# Round of 2026-12-03 (a quiet 2-core AVX2 CPU, one thread each, two jobs side by side)
+# digits, 5 seeds, GACD in fp32 and in bf16, one fp32 teacher
+gacd-fast train-teacher --dataset digits --epochs 12 --threads 1 --no-progress --out runs/digits_teacher
+for p in fp32 bf16; do
+  gacd-fast study --dataset digits --seeds 0 1 2 3 4 --teacher runs/digits_teacher/teacher.pt --methods gacd \
+      --precision $p --autoattack 200 --threads 1 --no-progress --out runs/study_digits_$p
+done
+python docs/results/mixed_precision/compare_studies.py runs/study_digits_fp32 runs/study_digits_bf16 --name digits_bf16_5seeds
+# MNIST-5k, 3 seeds, AT and GACD in bf16; the fp32 arm is the method study's shared-teacher run
+# (docs/results/method_study/commands.sh: runs/mnist5k_teacher, runs/study_mnist5k)
+gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt --methods at gacd \
+    --banks memory --precision bf16 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/study_mnist5k_bf16
+python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k runs/study_mnist5k_bf16 --name mnist5k_bf16
+# attack strength on the whole MNIST-5k test set
+PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 1 \
+    --out docs/results/mixed_precision/attack_strength_mnist5k_full.json runs/mnist5k_teacher/teacher.pt runs/study_mnist5k/seed0/gacd.pt
