@@ -124,7 +124,8 @@ METHOD_KEYS = {"clean", "fgsm", "pgd20", "cw", "cka", "knn_agree", "seconds", "p
 
 
 def check_results_schema(doc, methods):
-    assert set(doc) == {"dataset", "eps", "device", "config", "versions", "methods"}
+    assert set(doc) == {"dataset", "eps", "device", "config", "versions", "inputs", "methods"}
+    assert set(doc["inputs"]) == set(doc["methods"]) and all(len(h) == 64 for h in doc["inputs"].values())
     assert isinstance(doc["dataset"], str) and isinstance(doc["eps"], float) and isinstance(doc["device"], str)
     assert isinstance(doc["config"], dict)
     assert set(doc["versions"]) == {"torch", "triton", "gacd_fast", "python"}
