@@ -259,9 +259,7 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     elif cfg.teacher_factory:
         teacher, metas["teacher"] = _external_teacher(cfg, data, device), {"teacher_factory": cfg.teacher_factory}
         models["teacher"] = teacher
-    for path in cfg.checkpoints:
-        key = os.path.splitext(os.path.basename(path))[0]
-        key = key if key not in models else path
+    for key, path in _checkpoint_names(cfg).items():
         models[key], metas[key] = load_checkpoint(path, device)
         runs.check_teacher_fits(path, metas[key], cfg.dataset, data.test.num_classes, c, option="--checkpoints",
                                 same_dataset=False)
@@ -311,19 +309,23 @@ def evaluate(cfg: EvaluateConfig, log: Logger | None = None, title: str = "",
     return rows
 
 
+def _checkpoint_names(cfg: EvaluateConfig) -> dict[str, str]:
+    """Each of --checkpoints by its name in the results: the file name without its extension, or the
+    whole path where that name is taken (by the teacher or an earlier checkpoint)."""
+    names: dict[str, str] = {}
+    taken = {"teacher"} if cfg.teacher or cfg.teacher_factory else set()
+    for path in cfg.checkpoints:
+        key = os.path.splitext(os.path.basename(path))[0]
+        key = path if key in taken or key in names else key
+        names[key] = path
+    return names
+
+
 def _evaluation_inputs(cfg: EvaluateConfig) -> dict[str, str]:
     """Model name (as in the results) -> the content hash of the file it is read from: the teacher
     checkpoint (or --teacher-weights) and each checkpoint."""
-    inputs = {}
-    teacher_file = cfg.teacher or cfg.teacher_weights
-    if teacher_file and os.path.isfile(teacher_file):
-        inputs["teacher"] = runs.file_sha256(teacher_file)
-    for path in cfg.checkpoints:
-        key = os.path.splitext(os.path.basename(path))[0]
-        key = key if key not in inputs else path
-        if os.path.isfile(path):
-            inputs[key] = runs.file_sha256(path)
-    return inputs
+    files = {"teacher": cfg.teacher or cfg.teacher_weights, **_checkpoint_names(cfg)}
+    return {name: runs.file_sha256(path) for name, path in files.items() if path and os.path.isfile(path)}
 
 
 def _finished_evaluation(cfg: EvaluateConfig, inputs: dict[str, str], *, nested: bool) -> list[dict[str, Any]] | None:
