@@ -120,6 +120,13 @@ def enclosing_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
+def no_autocast(device: torch.device) -> ContextManager[None]:
+    """A region where ``device``'s autocast is off (a no-op for a device type without autocast)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def autocast(precision: str, device: torch.device) -> ContextManager[None]:
     """The autocast region of ``precision`` for ``device`` (a no-op context for "fp32")."""
     dtype = autocast_dtype(precision)

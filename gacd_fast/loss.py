@@ -36,18 +36,18 @@ CRD_OPTIONS = ("s_dim", "t_dim", "feat_dim", "nce_k", "nce_t", "nce_m", "n_data"
 class Embed(nn.Module):
     """Flatten, linear map to ``embed_dim``, L2-normalise (CRD's Embed). [B, ...] -> [B, embed_dim].
 
-    Features of another float dtype than the head's (e.g. bf16 features from an autocast region)
-    are cast to the head's dtype outside autocast; inside it autocast picks the matmul's dtype."""
+    Features of any float dtype (e.g. bf16 ones from an autocast region) are cast to the head's
+    dtype, and the head runs in it whatever autocast region encloses it: it is a small product beside
+    the model's, and its rounding would reach every logit multiplied by 1/temperature."""
 
     def __init__(self, dim_in: int, embed_dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim_in, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        if _precision.enclosing_dtype(x.device) is None:
-            x = x.to(self.linear.weight.dtype)
-        return F.normalize(self.linear(x), dim=1, eps=NORM_EPS)
+        with _precision.no_autocast(x.device):
+            x = x.flatten(1).to(self.linear.weight.dtype)
+            return F.normalize(self.linear(x), dim=1, eps=NORM_EPS)
 
 
 class Term(NamedTuple):
@@ -219,7 +219,7 @@ class GACDLoss(nn.Module):
         bank exactly, e.g. the whole training set once before the first step, so the negatives are
         real from the start. Meant for ``teacher_head="frozen"`` (the rows then stay exact)."""
         check_tensor("f_t", f_t, min_ndim=2)
-        t = self.embed_t(f_t.to(self.embed_t.linear.weight.dtype))
+        t = self.embed_t(f_t)
         self.bank_t.prefill(t, index)
 
     @torch.no_grad()
@@ -278,9 +278,10 @@ class GACDLoss(nn.Module):
 
         Returns:
             float32 scalar (float64 for a float64 module), or [B] with reduction="none". ``f_s`` and
-            ``f_t`` may be bf16/fp16 (e.g. from an autocast region): the heads take them in their
-            own dtype (autocast's inside a region), the embeddings are cast to the stored rows'
-            dtype, and the loss is accumulated and returned in float32.
+            ``f_t`` may be bf16/fp16 (e.g. from an autocast region): the heads cast them to their
+            own dtype and run in it (an enclosing autocast region does not apply to them), the
+            embeddings are cast to the stored rows' dtype (``bank_dtype``), and the loss is
+            accumulated and returned in float32.
         """
         batch = self._check_inputs(f_s, f_t, index, contrast_index, update_bank)
         weights = self._sample_weights(weights, teacher_logits, targets, batch)
@@ -343,8 +344,7 @@ class GACDLoss(nn.Module):
 
     def _embed(self, f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher embeddings [B, embed_dim], in the stored rows' dtype when the bank
-        stores rows, else both in the student's (autocast may give half embeddings; the teacher's
-        may come from outside the region)."""
+        stores rows, else in the heads' dtype."""
         s, t = self.embed_s(f_s), self.embed_t(f_t)
         dtype = self.bank_t.rows_dtype or s.dtype
         return s.to(dtype), t.to(dtype)

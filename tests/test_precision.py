@@ -17,6 +17,7 @@ import gacd_fast
 from gacd_fast import FGSM, PGD, GACDLoss, _precision
 from gacd_fast.attacks import FP16_LOSS_SCALE
 from gacd_fast.ops import reference
+from checks import backend_params
 from tolerances import assert_close
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -252,6 +253,41 @@ def test_features_from_an_autocast_region(half, bank):
     loss.backward()
     assert student.weight.grad.dtype == torch.float32 and torch.isfinite(student.weight.grad).all()
     assert crit.embed_s.linear.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bank", ["memory", "queue", "batch"])
+def test_an_autocast_region_does_not_change_a_float32_loss(bank):
+    """The heads and the ops run in float32 inside a bf16 region: float32 features give the float32
+    loss and gradients to the bit (the torch backend used to multiply the float32 rows in bf16)."""
+    crit, f_s, f_t, idx, contrast = crit_and_features(bank=bank, symmetric=bank != "batch")
+    contrast = contrast if bank == "memory" else None
+    results = []
+    for region in (False, True):
+        crit.zero_grad()
+        fs = f_s.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region):
+            assert crit.embed_s(f_s).dtype == torch.float32
+            loss = crit(fs, f_t, idx, contrast, update_bank=False)
+        loss.backward()
+        results.append((loss, fs.grad, crit.embed_s.linear.weight.grad.clone()))
+    for name, a, b in zip(("loss", "d f_s", "d head"), *results):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", backend_params(gacd_fast.available_backends("cpu")))
+def test_ops_compute_in_their_inputs_dtype_inside_an_autocast_region(backend):
+    g = torch.Generator().manual_seed(0)
+    q, p, n = (torch.randn(shape, generator=g) for shape in ((3, 8), (3, 8), (7, 8)))
+    calls = {
+        "info_nce": lambda: gacd_fast.info_nce(q, p, n, backend=backend, reduction="none"),
+        "cosine_similarity": lambda: gacd_fast.cosine_similarity(q, p, backend=backend),
+        "l2_normalize": lambda: gacd_fast.l2_normalize(n, backend=backend),
+    }
+    for name, call in calls.items():
+        want = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("bank", ["memory", "queue"])

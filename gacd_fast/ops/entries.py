@@ -14,13 +14,24 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._precision import no_autocast
 from .contract import CompiledOp, Op
 from .reference import OPS
 
 
 def torch_entry(op: Op) -> Callable[..., Any]:
-    """The torch backend's function for ``op``: its ``torch`` implementation, else its reference."""
-    return op.torch or op.reference
+    """The torch backend's function for ``op``: its ``torch`` implementation, else its reference, run
+    with the enclosing autocast off. An op computes in its inputs' dtypes on every backend: the
+    compiled kernels ignore autocast, and so must the torch code (else an fp32 bank under a bf16
+    region would be multiplied in bf16 by this backend alone)."""
+    fn = op.torch or op.reference
+
+    @functools.wraps(fn)
+    def entry(*args: Any) -> Any:
+        with no_autocast(args[0].device):
+            return fn(*args)
+
+    return entry
 
 
 def torch_entries() -> dict[str, Callable[..., Any]]:

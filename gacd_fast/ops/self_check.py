@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .._precision import no_autocast
+
 # (atol, rtol) per input dtype for values and gradients against the float64 reference: the conformance
 # tests' table (tests/tolerances.py; tests/test_self_check.py checks that they agree).
 TOLERANCES = {
@@ -93,14 +95,6 @@ def check(op: str, fn: Callable, device: torch.device, dtype: torch.dtype | None
     if dtype not in TOLERANCES:
         return  # not a dtype the ops take: the op's own checks refuse it
     tol = tolerance or TOLERANCES[dtype]
-    with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device):
+    with torch.inference_mode(False), torch.enable_grad(), no_autocast(device):
         run(fn, device, dtype, tol)
 
-
-def _no_autocast(device: torch.device):
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast
-        import contextlib
-
-        return contextlib.nullcontext()
