@@ -275,9 +275,9 @@ def test_an_autocast_region_does_not_change_a_float32_loss(bank):
 
 
 @pytest.mark.parametrize("backend", backend_params(gacd_fast.available_backends("cpu")))
-def test_ops_compute_in_their_inputs_dtype_inside_an_autocast_region(backend):
+def test_ops_compute_in_their_inputs_dtype_inside_an_autocast_region(backend, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    q, p, n = (torch.randn(shape, generator=g) for shape in ((3, 8), (3, 8), (7, 8)))
+    q, p, n = (torch.randn(shape, generator=g).to(device) for shape in ((3, 8), (3, 8), (7, 8)))
     calls = {
         "info_nce": lambda: gacd_fast.info_nce(q, p, n, backend=backend, reduction="none"),
         "cosine_similarity": lambda: gacd_fast.cosine_similarity(q, p, backend=backend),
@@ -285,7 +285,7 @@ def test_ops_compute_in_their_inputs_dtype_inside_an_autocast_region(backend):
     }
     for name, call in calls.items():
         want = call()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             got = call()
         assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), name
 
@@ -391,3 +391,9 @@ def test_gpu_gacd_loss_with_half_features_and_banks(bank_dtype):
         loss = crit(f_s, f_t, idx, contrast, update_bank=False)
     assert loss.dtype == torch.float32
     assert_close(loss, ref(f_s, f_t, idx, contrast, update_bank=False), torch.bfloat16, "cuda bf16 vs fp32")
+
+
+@pytest.mark.gpu
+def test_gpu_ops_compute_in_their_inputs_dtype_inside_an_autocast_region():
+    for backend in gacd_fast.available_backends("cuda"):
+        test_ops_compute_in_their_inputs_dtype_inside_an_autocast_region(backend, device="cuda")

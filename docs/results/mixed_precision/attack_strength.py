@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import time
 import warnings
 
@@ -68,8 +70,7 @@ def main() -> None:
             row[f"diff_points_{p}"] = 100 * (row[f"pgd20_{p}"] - row["pgd20_fp32"])
             row[f"agreement_{p}"] = float((correct[p] == correct["fp32"]).float().mean())
         results[f"{cfg['dataset']} {meta['arch']}"] = row
-    doc = {"command": "PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py "
-                      + (f"--limit {args.limit} " if args.limit else "") + " ".join(args.checkpoints),
+    doc = {"command": "PYTHONPATH=. python " + shlex.join(sys.argv),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": results}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)

@@ -43,3 +43,35 @@ python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k runs/s
 # attack strength on the whole MNIST-5k test set
 PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 1 \
     --out docs/results/mixed_precision/attack_strength_mnist5k_full.json runs/mnist5k_teacher/teacher.pt runs/study_mnist5k/seed0/gacd.pt
+
+# Round of 2026-12-03, later (the same quiet 2-core AVX2 CPU; one thread a job, two jobs side by side).
+# The ops and GACDLoss's heads now ignore an enclosing autocast (commit dd5d728); the bf16 arms below ran
+# on that code, from a worktree of it (PYTHONPATH=<worktree>).
+# digits GACD, 10 seeds: bf16 anew; fp32 seeds 5-9 added to the 5 of the previous run (--resume keeps 0-4)
+gacd-fast study --dataset digits --seeds 0 1 2 3 4 5 6 7 8 9 --teacher runs/digits_teacher/teacher.pt --methods gacd \
+    --precision bf16 --autoattack 200 --threads 1 --no-progress --out runs/study_digits_bf16_fix
+cp -r runs/study_digits_fp32 runs/study_digits_fp32_10
+gacd-fast study --dataset digits --seeds 0 1 2 3 4 5 6 7 8 9 --teacher runs/digits_teacher/teacher.pt --methods gacd \
+    --precision fp32 --autoattack 200 --threads 1 --no-progress --resume --out runs/study_digits_fp32_10
+python docs/results/mixed_precision/compare_studies.py runs/study_digits_fp32_10 runs/study_digits_bf16_fix --name digits_bf16_fix_10seeds
+# MNIST-5k GACD, 3 seeds, bf16 anew against the method study's fp32 arm
+gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
+    --banks memory --precision bf16 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/study_mnist5k_bf16_fix
+python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k runs/study_mnist5k_bf16_fix --name mnist5k_bf16_fix
+# ResNet-18 teachers (adversarially trained) and the bf16 attack's strength on them
+gacd-fast train-teacher --dataset digits --model resnet18 --epochs 12 --threads 1 --no-progress --out runs/r18/digits_resnet18_teacher
+PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 1 \
+    --out docs/results/mixed_precision/attack_strength_digits_resnet18.json runs/r18/digits_resnet18_teacher/teacher.pt
+gacd-fast train-teacher --dataset mnist5k --model resnet18 --epochs 4 --threads 1 --no-progress --out runs/r18/mnist5k_resnet18_teacher
+PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 2 --limit 256 \
+    --out docs/results/mixed_precision/attack_strength_mnist5k_resnet18.json runs/r18/mnist5k_resnet18_teacher/teacher.pt
+# controls: the fp32 GACD alone with the new code equals the method study's GACD to the last digit (3 seeds), and
+# the old code's bf16 GACD alone (worktree at e4f4282) equals the old bf16 run's (seed 0): the runs are deterministic
+gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
+    --banks memory --precision fp32 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/ctl_mnist5k_fp32_new
+(cd <worktree at e4f4282> && gacd-fast study --dataset mnist5k --seeds 0 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
+    --banks memory --precision bf16 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/ctl_mnist5k_bf16_old)
+# how far a numerically equivalent change moves a run: fp32 GACD with the C++ backend instead of the torch one
+GACD_FAST_BACKEND=cext gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
+    --banks memory --precision fp32 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/ctl_mnist5k_fp32_cext
+python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k runs/ctl_mnist5k_fp32_cext --name mnist5k_fp32_cext_backend
