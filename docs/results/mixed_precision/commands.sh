@@ -57,7 +57,6 @@ python docs/results/mixed_precision/compare_studies.py runs/study_digits_fp32_10
 # MNIST-5k GACD, 3 seeds, bf16 anew against the method study's fp32 arm
 gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
     --banks memory --precision bf16 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/study_mnist5k_bf16_fix
-python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k runs/study_mnist5k_bf16_fix --name mnist5k_bf16_fix
 # ResNet-18 teachers (adversarially trained) and the bf16 attack's strength on them
 gacd-fast train-teacher --dataset digits --model resnet18 --epochs 12 --threads 1 --no-progress --out runs/r18/digits_resnet18_teacher
 PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 1 \
@@ -75,3 +74,13 @@ gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/t
 GACD_FAST_BACKEND=cext gacd-fast study --dataset mnist5k --seeds 0 1 2 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
     --banks memory --precision fp32 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/ctl_mnist5k_fp32_cext
 python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k runs/ctl_mnist5k_fp32_cext --name mnist5k_fp32_cext_backend
+# MNIST-5k, seeds 3-5 added to both arms (--resume keeps 0-2); the fp32 arm starts from ctl_mnist5k_fp32_new
+cp -r runs/ctl_mnist5k_fp32_new runs/study_mnist5k_fp32_6seeds; cp -r runs/study_mnist5k_bf16_fix runs/study_mnist5k_bf16_6seeds
+for p in fp32 bf16; do
+  gacd-fast study --dataset mnist5k --seeds 0 1 2 3 4 5 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
+      --banks memory --precision $p --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --resume --out runs/study_mnist5k_${p}_6seeds
+done
+python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k_fp32_6seeds runs/study_mnist5k_bf16_6seeds --name mnist5k_bf16_fix_6seeds
+# the old code's bf16 GACD (loss in bf16) on seeds 3-5 too (worktree at e4f4282; ran as two processes, seeds 3 4 and seed 5)
+(cd <worktree at e4f4282> && gacd-fast study --dataset mnist5k --seeds 3 4 5 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
+    --banks memory --precision bf16 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/old_mnist5k_bf16_s345)
