@@ -53,8 +53,8 @@ kernel-report: $(STAMP)
 	env -u TRITON_INTERPRET nice -n 10 $(PY) benchmarks/kernel_report.py
 	$(PY) benchmarks/cost_model.py
 
-# Every owed GPU check (tests without the interpreter, memcheck, determinism, benchmarks, CUDA
-# extension, training step). On a lent GPU machine: make gpu-check PY=python3 (no .venv, no pip).
+# The owed GPU checks, first call of their plan (mixed-precision tests, training step, CUDA graphs,
+# benchmarks; --call 2 and 3 hold the rest). On a lent GPU machine: make gpu-check PY=python3.
 gpu-check:
 	PYTHONPATH=. $(PY) benchmarks/gpu_check.py
 

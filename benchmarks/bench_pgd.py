@@ -4,11 +4,13 @@
 3 reads + 1 write per element and is printed next to the device's measured copy bandwidth.
 ``pgd10_<workload>``: a whole PGD-10 attack on ResNet-18 (CIFAR-shaped, eps 8/255, step 2/255) and
 on the small CNNs of digits and MNIST-5k, for every variant of ``workloads.VARIANTS`` side by side:
-a plain loop, torchattacks, gacd_fast fp32, bf16, bf16 + channels_last; time, images/s, peak
-memory, the ratios and issue 20's targets; also checks that gacd_fast's fp32 images are
-bit-identical to torchattacks' with the same start.
+a plain loop, torchattacks, gacd_fast fp32 and bf16, the plain loop and gacd_fast also in
+channels_last; time, images/s, peak memory, the ratios and issue 20's targets; also checks that
+gacd_fast's fp32 images are bit-identical to torchattacks' with the same start, and how far
+channels_last moves them.
 
     python benchmarks/bench_pgd.py --quick
+    python benchmarks/bench_pgd.py --quick --no-steps --workloads resnet18 --variants "plain fp32,gacd_cl fp32"
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from common import (  # noqa: E402
     DTYPES, Recorder, Skip, base_parser, device_ceilings, peak_extra_mb, probe_in_subprocess, progress,
     time_ms,
 )
-from workloads import VARIANTS, WORKLOADS, Variant, images, model, summary, time_variants, warm_library  # noqa: E402
+from workloads import (  # noqa: E402
+    WORKLOADS, Variant, add_variants_option, images, model, summary, time_variants, warm_library,
+)
 
 EPS, ALPHA = 8 / 255, 2 / 255
 STEP_PROVIDERS = ["gacd_triton", "gacd_cext", "gacd_torch", "torch_eager", "torch_compile"]
@@ -91,7 +95,7 @@ def attack_fn(workload: str, variant: Variant, batch: int, device: torch.device,
     wl = WORKLOADS[workload]
     net = LogitsOnly(model(wl.student, wl, variant, device))
     x, y = images(wl, batch, variant, device)
-    if variant.provider in ("gacd", "gacd_cl"):
+    if variant.base == "gacd":
         atk = gacd_fast.PGD(net, eps=wl.eps, alpha=wl.alpha, steps=steps, random_start=random_start,
                             precision=variant.precision)
         return lambda: atk(x, y)
@@ -104,21 +108,23 @@ def attack_fn(workload: str, variant: Variant, batch: int, device: torch.device,
             raise Skip(f"torchattacks not importable: {exc}") from None
         atk = torchattacks.PGD(net, eps=wl.eps, alpha=wl.alpha, steps=steps, random_start=random_start)
         return lambda: atk(x, y)
-    if variant.provider == "plain":
+    if variant.base == "plain":
         return lambda: plain_pgd(net, x, y, steps, wl.eps, wl.alpha)
     raise ValueError(variant.provider)
 
 
-def bit_identical_to_torchattacks(batch: int, device: torch.device) -> str:
-    """Are gacd_fast.PGD's images torchattacks' to the bit? Without random start, so that the steps
-    (run by the fastest backend here) are compared, not the random number generators."""
+def same_images(a: Variant, b: Variant, batch: int, device: torch.device) -> str:
+    """Do variants ``a`` and ``b`` return the same images on ResNet-18? Without random start, so
+    that the steps are compared, not the random number generators. gacd fp32 against torchattacks
+    must be bit-identical; another memory format sums the convolutions in another order."""
     try:
-        ta = attack_fn("resnet18", Variant("torchattacks"), batch, device, random_start=False)
+        fa, fb = (attack_fn("resnet18", v, batch, device, random_start=False) for v in (a, b))
     except Skip as why:
         return f"not checked ({why})"
-    a = attack_fn("resnet18", Variant("gacd"), batch, device, random_start=False)()
-    b = ta()
-    return "bit-identical" if torch.equal(a, b) else f"differ: max |diff| {float((a - b).abs().max()):.3g}"
+    x, y = fa(), fb()
+    if torch.equal(x, y):
+        return "bit-identical"
+    return f"differ on {float((x != y).float().mean()):.2%} of the pixels, max |diff| {float((x - y).abs().max()):.3g}"
 
 
 def probe(spec: dict) -> None:
@@ -151,7 +157,7 @@ def attack_benchmarks(rec: Recorder, args: argparse.Namespace, device: torch.dev
         for batch in batches:
             op, shape = f"pgd10_{workload}", {"B": batch}
             fns, variants = {}, {}
-            for variant in VARIANTS:
+            for variant in args.variants:
                 try:
                     fns[variant.label] = attack_fn(workload, variant, batch, device)
                     variants[variant.label] = variant
@@ -164,9 +170,11 @@ def attack_benchmarks(rec: Recorder, args: argparse.Namespace, device: torch.dev
                               device=str(device)),
                           script=Path(__file__))
             if workload == "resnet18":
-                verdict = bit_identical_to_torchattacks(batch, device)
-                progress(f"  gacd_fast.PGD vs torchattacks.PGD (same seed), B={batch}: {verdict}")
-                print(f"parity B={batch}: {verdict}")
+                for a, b in ((Variant("gacd"), Variant("torchattacks")), (Variant("gacd_cl"), Variant("gacd"))):
+                    if a in args.variants and b in args.variants:
+                        verdict = same_images(a, b, batch, device)
+                        progress(f"  {a.label} vs {b.label} (no random start), B={batch}: {verdict}")
+                        print(f"parity {a.label} vs {b.label}, B={batch}: {verdict}")
 
 
 def main() -> None:
@@ -176,6 +184,7 @@ def main() -> None:
     ap.add_argument("--no-attacks", action="store_true", help="skip the whole-attack benchmark")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated workloads of the attack benchmark (default: all: {','.join(WORKLOADS)})")
+    add_variants_option(ap)
     args = ap.parse_args()
     if args.probe:
         return probe(json.loads(args.probe))

@@ -7,8 +7,9 @@ the SGD step and the bank's momentum update.
   torchattacks-order PGD loop, eager InfoNCE over the gathered bank rows ([B, K, D], as CRD's
   index_select), an in-place momentum update.
 - ``torchattacks`` fp32: the same step with torchattacks.PGD as the attack.
-- ``gacd`` fp32 / bf16 and ``gacd_cl`` bf16: gacd_fast.PGD (``precision=``) and GACDLoss, the
-  models' forwards under autocast in bf16, channels_last for ``gacd_cl``.
+- ``gacd`` fp32 / bf16: gacd_fast.PGD (``precision=``) and GACDLoss, the models' forwards under
+  autocast in bf16.
+- ``plain_cl`` fp32, ``gacd_cl`` fp32 / bf16: the same with models and batches in channels_last.
 
 ResNet-18 student and teacher at B=128, K=16,384 (CRD's default), PGD-10 (issue 20's step; --quick
 keeps it: it is the target), then the small CNNs of digits and MNIST-5k at their recipes' batch,
@@ -39,7 +40,9 @@ from common import (  # noqa: E402
 )
 from gacd_fast import _precision  # noqa: E402
 from gacd_fast.functional import weighted_reduce  # noqa: E402
-from workloads import VARIANTS, WORKLOADS, Variant, emulated, images, model, summary, time_variants, warm_library  # noqa: E402
+from workloads import (  # noqa: E402
+    WORKLOADS, Variant, add_variants_option, emulated, images, model, summary, time_variants, warm_library,
+)
 
 TAU, MOMENTUM = 0.07, 0.5  # CRD's tau and momentum
 
@@ -78,7 +81,7 @@ def setup(shape: StepShape, variant: Variant, device: torch.device) -> Callable[
     opt = torch.optim.SGD(list(student.parameters()) + list(crit.parameters()), lr=0.01, momentum=0.9)
     region = _precision.autocast(variant.precision, device)
 
-    if variant.provider in ("gacd", "gacd_cl"):
+    if variant.base == "gacd":
         attack = gacd_fast.PGD(student, eps=wl.eps, alpha=wl.alpha, steps=shape.steps, precision=variant.precision)
 
         def step():
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated workloads (default: all: {','.join(WORKLOADS)})")
+    add_variants_option(ap)
     args = ap.parse_args()
     if args.probe:
         return probe(json.loads(args.probe))
@@ -155,7 +159,7 @@ def main() -> None:
             continue
         op, dims = f"train_step_{shape.workload}", {"B": shape.batch, "K": shape.k}
         fns, variants = {}, {}
-        for variant in VARIANTS:
+        for variant in args.variants:
             if emulated(variant, device) and args.quick and variant.channels_last:
                 rec.skip(f"{variant.label} ({op})", "its precision is emulated here (minutes a step): --quick times "
                          "the plain-layout bf16 step only")

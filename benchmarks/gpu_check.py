@@ -1,22 +1,25 @@
-"""Every owed GPU check in one command (meant for a lent H100, < 25 min: the step budgets below sum to
-22 min, each a hard limit on the whole step); on a machine without a GPU
-it says what it skips and why. Uses the current python (no pip, no .venv rebuild):
+"""Every owed GPU check, planned for the lent H200: a session has 15 minutes of device time in all
+(the machine's start counts) and one command runs at most 10 minutes, so the steps are packed, in
+the order below (the open issue's figures first), into calls of at most 540 s each (the budgets
+below: each a hard limit on its whole step). One invocation runs one call (``--call N``, default 1)
+and prints the plan with the command for every call; on a machine without a GPU it says what it
+skips and why. Uses the current python (no pip, no .venv rebuild):
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--only STEP ...] [--skip STEP ...] [--out DIR] [--dry-run]
-    make gpu-check PY=python3
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--call N] [--only STEP ...] [--skip STEP ...] [--out DIR] [--dry-run]
+    make gpu-check PY=python3            # call 1; then: PYTHONPATH=. python3 benchmarks/gpu_check.py --call 2
 
 Steps (each writes a log to benchmarks/results/gpu_check_<stamp>/ and one row of summary.csv):
-  tests        the test suite without the interpreter (TRITON_INTERPRET=0: compiled kernels on CUDA)
-  memcheck     compute-sanitizer --tool memcheck on the Triton and CUDA info_nce / pgd kernels
-  determinism  10 runs of info_nce fwd+bwd (bank and neg_index, bf16 and fp32): bitwise equal
-  bench        benchmarks/run_all.py (all shapes, every provider; missing peers are listed as skipped)
-  cext         the C++/CUDA extension built against the CUDA torch (JIT, TORCH_EXTENSIONS_DIR) + tests
-  train_step   benchmarks/bench_train_step.py on ResNet-18 (B=128, K=16,384, PGD-10): plain loop,
-               torchattacks, gacd_fast fp32, bf16, bf16 + channels_last side by side (issue 20)
-  graphs       benchmarks/bench_cuda_graphs.py: PGD-10 with one step as a CUDA graph and under
-               torch.compile(mode="reduce-overhead"), fp32 and bf16, vs eager (issue 20)
   precision    the mixed-precision tests on the GPU: bf16/fp16 attacks, GACDLoss with half
                features and a bf16 bank, bf16/fp16 info_nce on every backend (issue 20)
+  train_step   benchmarks/bench_train_step.py on ResNet-18 (B=128, K=16,384, PGD-10): plain loop,
+               torchattacks, gacd_fast fp32 and bf16, each also in channels_last, side by side (issue 20)
+  graphs       benchmarks/bench_cuda_graphs.py: PGD-10 with one step as a CUDA graph and under
+               torch.compile(mode="reduce-overhead"), fp32 and bf16, vs eager (issue 20)
+  bench        benchmarks/run_all.py (all shapes, every provider; missing peers are listed as skipped)
+  tests        the test suite without the interpreter (TRITON_INTERPRET=0: compiled kernels on CUDA)
+  determinism  10 runs of info_nce fwd+bwd (bank and neg_index, bf16 and fp32): bitwise equal
+  memcheck     compute-sanitizer --tool memcheck on the Triton and CUDA info_nce / pgd kernels
+  cext         the C++/CUDA extension built against the CUDA torch (JIT, TORCH_EXTENSIONS_DIR) + tests
 """
 from __future__ import annotations
 
@@ -30,13 +33,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["tests", "memcheck", "determinism", "bench", "cext", "train_step", "graphs", "precision"]
-# seconds per step, for all its commands together; the sum (1,380 s = 23 min) leaves 2 min of the
-# 25-minute lease for the machine's start and the log copy. graphs/precision (issue 20) took their
-# 210 s from bench (its train-step part is the train_step step's) and are estimates: no GPU has run them.
-BUDGET_S = {"tests": 360, "memcheck": 180, "determinism": 90, "bench": 270, "cext": 210, "train_step": 60,
-            "graphs": 150, "precision": 60}
-TOTAL_BUDGET_S = 25 * 60
+STEPS = ["precision", "train_step", "graphs", "bench", "tests", "determinism", "memcheck", "cext"]
+# seconds per step, for all its commands together: estimates (no GPU has run graphs, precision and
+# the channels_last variants of train_step yet)
+BUDGET_S = {"precision": 60, "train_step": 90, "graphs": 150, "bench": 240, "tests": 360, "determinism": 90,
+            "memcheck": 180, "cext": 210}
+CALL_S = 540  # one device command runs at most 600 s: a minute for python's start and the logs
+DEVICE_S = 15 * 60  # a session's device time in all, the machine's start (1-2 min) included
+
+
+def plan(steps: list[str], call_s: int = CALL_S) -> list[list[str]]:
+    """``steps`` in their order, packed into calls whose budgets sum to at most ``call_s``."""
+    calls: list[list[str]] = []
+    for s in steps:
+        if calls and sum(BUDGET_S[t] for t in calls[-1]) + BUDGET_S[s] <= call_s:
+            calls[-1].append(s)
+        else:
+            calls.append([s])
+    return calls
 
 DETERMINISM = r"""
 import torch, gacd_fast
@@ -118,21 +132,28 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--call", type=int, default=1, help="which call of the plan to run (default 1)")
     ap.add_argument("--only", nargs="+", choices=STEPS, default=None)
     ap.add_argument("--skip", nargs="+", choices=STEPS, default=[])
     ap.add_argument("--out", default=None, help="folder for logs and summary.csv")
     ap.add_argument("--py", default=sys.executable, help="python to run the steps with")
-    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print every call's commands, run nothing")
     args = ap.parse_args(argv)
-    steps = [s for s in (args.only or STEPS) if s not in args.skip]
+    calls = plan([s for s in (args.only or STEPS) if s not in args.skip])
+    if not 1 <= args.call <= len(calls):
+        ap.error(f"--call must be 1..{len(calls)}: the plan has {len(calls)} call(s)")
+    for i, c in enumerate(calls, 1):
+        print(f"call {i} ({sum(BUDGET_S[s] for s in c)} s): {' '.join(c)}"
+              + ("  <- this one" if i == args.call else f"  (--call {i}, with the same --only/--skip)"))
+    steps = calls[args.call - 1]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu_check_{time.strftime('%Y%m%dT%H%M%S')}")
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions")))
-    print(f"step budgets: {sum(BUDGET_S[s] for s in steps)} s of the {TOTAL_BUDGET_S} s a lent GPU allows")
-    if args.dry_run:
-        for s in steps:
-            for c in commands(s, args.py):
-                print(f"[{s}] {' '.join(c)[:200]}")
+    if args.dry_run:  # every call's commands
+        for i, c in enumerate(calls, 1):
+            for s in c:
+                for cmd in commands(s, args.py):
+                    print(f"call {i} [{s}] {' '.join(cmd)[:200]}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     rows = []

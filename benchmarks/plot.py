@@ -30,17 +30,23 @@ def load(paths: list[Path]) -> list[dict]:
 
 
 def plot_bars(rows: list[dict], out: Path = PLOTS) -> list[Path]:
-    """One bar chart per whole-step op, shape and metric: a bar per variant (provider, dtype)."""
+    """One bar chart per whole-step op, shape and metric: a bar per variant (provider, dtype), and
+    per run (its start time under the bar) when the CSVs hold several runs of the op; a log scale
+    when the bars span more than 20x (an emulated precision beside native ones)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["op"], r["metric"], r["B"], r["K"], r["device"])].append(r)
     written = []
     for (op, metric, b, k, device), grp in groups.items():
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        labels = [f"{r['provider']}\n{r['dtype']}" for r in grp]
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(grp)), 3.6))
+        runs = sorted({r["timestamp"] for r in grp})
+        labels = [f"{r['provider']}\n{r['dtype']}" + (f"\n{r['timestamp'][11:16]}" if len(runs) > 1 else "") for r in grp]
         values = [float(r["p50"]) for r in grp]
         err = [[v - float(r["p20"]) for v, r in zip(values, grp)], [float(r["p80"]) - v for v, r in zip(values, grp)]]
-        ax.bar(range(len(grp)), values, yerr=err, capsize=3, color="tab:blue")
+        colors = [f"C{runs.index(r['timestamp']) % 10}" for r in grp]  # a colour per run
+        ax.bar(range(len(grp)), values, yerr=err, capsize=3, color=colors)
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
         ax.set_xticks(range(len(grp)), labels, fontsize=7)
         ax.set_ylabel(f"{metric} ({grp[0]['unit']})")
         shape = " ".join(f"{n}={v}" for n, v in (("B", b), ("K", k)) if v)

@@ -5,12 +5,15 @@ ratios issue 20 asks for.
 
 Variants: ``plain`` (the loop as a user writes it without gacd_fast: a hand-written PGD loop, eager
 InfoNCE over the gathered bank), ``torchattacks`` (its PGD, fp32), ``gacd`` (gacd_fast fp32),
-``gacd`` bf16 (the attack's ``precision="bf16"`` and the step's model forwards under autocast) and
-``gacd_cl`` bf16 (the same with models and batches in channels_last). A half precision that this
-device runs only emulated (a CPU without AVX512-BF16/AMX) is timed with fewer repeats and flagged.
+``gacd`` bf16 (the attack's ``precision="bf16"`` and the step's model forwards under autocast); a
+``_cl`` suffix puts the models and batches in channels_last (``plain_cl`` fp32: what the layout
+alone gives a plain loop; ``gacd_cl`` fp32 and bf16: the pipeline's ``--channels-last``). A half
+precision that this device runs only emulated (a CPU without AVX512-BF16/AMX) is timed with fewer
+repeats and flagged. ``--variants`` picks some of them by label (``"plain fp32,gacd_cl fp32"``).
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +52,17 @@ WORKLOADS = {
 class Variant:
     """One way to run a step: who implements it, its precision, its memory format."""
 
-    provider: str  # plain | torchattacks | gacd | gacd_cl
+    provider: str  # plain | torchattacks | gacd, with "_cl" for channels_last (plain_cl, gacd_cl)
     precision: str = "fp32"
 
     @property
     def channels_last(self) -> bool:
         return self.provider.endswith("_cl")
+
+    @property
+    def base(self) -> str:
+        """Who runs the step, whatever the memory format: plain, torchattacks or gacd."""
+        return self.provider.removesuffix("_cl")
 
     @property
     def dtype(self) -> str:
@@ -66,8 +74,24 @@ class Variant:
         return f"{self.provider} {self.precision}"
 
 
-VARIANTS = [Variant("plain"), Variant("torchattacks"), Variant("gacd"), Variant("gacd", "bf16"),
-            Variant("gacd_cl", "bf16")]
+VARIANTS = [Variant("plain"), Variant("plain_cl"), Variant("torchattacks"), Variant("gacd"), Variant("gacd_cl"),
+            Variant("gacd", "bf16"), Variant("gacd_cl", "bf16")]
+
+
+def add_variants_option(parser: argparse.ArgumentParser) -> None:
+    labels = ",".join(v.label for v in VARIANTS)
+    parser.add_argument("--variants", default=labels, type=chosen_variants,
+                        help=f"comma-separated variant labels (default: all: {labels})")
+
+
+def chosen_variants(labels: str) -> list[Variant]:
+    """The variants named in ``labels`` (comma-separated, e.g. "plain fp32,gacd_cl fp32"), in VARIANTS' order."""
+    known = {v.label: v for v in VARIANTS}
+    wanted = [label.strip() for label in labels.split(",") if label.strip()]
+    unknown = [label for label in wanted if label not in known]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; choose from {list(known)}")
+    return [v for v in VARIANTS if v.label in wanted]
 
 
 def emulated(variant: Variant, device: torch.device) -> bool:

@@ -9,8 +9,9 @@ itself, :meth:`Attack._perturb` (PGD's loop, FGSM's single step), each step thro
 Inputs are images in [0, 1]; the result is detached; gradients are taken with
 ``torch.autograd.grad`` so no parameter ``.grad`` is touched. While an attack runs, the model's
 parameters do not require grad (every flag restored after the call, also after an exception):
-autograd then records only the input's path, which measured ~5% faster on a ResNet-18 CPU step
-than torchattacks' loop, for the same images to the bit.
+autograd then records only the input's path. It is not a speed-up: ``torch.autograd.grad`` already
+skips the weights' gradients, and a paired re-measurement on a ResNet-18 CPU step found no
+difference (docs/mixed_precision.md); the images are torchattacks' to the bit either way.
 
 Precision (``precision=``, every attack): "fp32" (default) adds no autocast region, so the attack
 is torchattacks' to the bit; "bf16" / "fp16" run the model's forward and backward under

@@ -105,6 +105,20 @@ def test_pgd_identical_to_torchattacks_loop():
     assert torch.equal(ours, torchattacks_pgd(model, x, y, 8 / 255, 2 / 255, 7, start))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cext"])
+def test_pgd_keeps_a_channels_last_batch_and_matches_torchattacks_in_that_layout(backend):
+    """--channels-last: the attack returns channels_last images, the torchattacks loop's to the bit."""
+    if gacd_fast.backends.unavailable_reason(backend, torch.device("cpu")) is not None:
+        pytest.skip(f"{backend} unavailable")
+    model = TinyNet().to(memory_format=torch.channels_last)
+    x, y = images(8).contiguous(memory_format=torch.channels_last), torch.randint(4, (8,))
+    g = torch.Generator().manual_seed(3)
+    ours = PGD(model, eps=8 / 255, alpha=2 / 255, steps=7, generator=g, backend=backend)(x, y)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    start = torch.empty_like(x).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, torchattacks_pgd(model, x, y, 8 / 255, 2 / 255, 7, start))
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_random_start_in_ball_and_reproducible(norm):
     x = images(16)
@@ -454,8 +468,8 @@ def test_attack_base_is_the_extension_point():
 
 
 def test_parameters_stop_requiring_grad_only_during_the_attack():
-    """The attack needs only the input's gradient: the parameters' flags are off while it runs (the
-    speed-up) and every flag comes back after, also after an exception; frozen ones stay frozen."""
+    """The attack needs only the input's gradient: the parameters' flags are off while it runs and
+    every flag comes back after, also after an exception; frozen ones stay frozen."""
     model = TinyNet(dropout=False)
     model.bn.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]

@@ -42,7 +42,20 @@ def test_no_gpu_skips_with_reason_and_writes_csv(tmp_path):
     assert all(r["status"] == "skipped" and "no CUDA GPU" in r["detail"] for r in rows)
 
 
-def test_step_budgets_fit_the_gpu_lease():
+def test_steps_are_planned_into_calls_that_fit_the_device_limits():
+    """One command runs at most 10 minutes and a session has 15 of device time: every call fits
+    CALL_S, and the first (the open issue's figures) fits the session with 2 minutes for the start."""
     mod = _module()
     assert set(mod.BUDGET_S) == set(mod.STEPS)
-    assert sum(mod.BUDGET_S.values()) <= mod.TOTAL_BUDGET_S - 120  # room for the start and the log copy
+    calls = mod.plan(mod.STEPS)
+    assert [s for c in calls for s in c] == mod.STEPS
+    assert all(sum(mod.BUDGET_S[s] for s in c) <= mod.CALL_S < 600 for c in calls)
+    assert calls[0] == ["precision", "train_step", "graphs", "bench"]
+    assert mod.CALL_S + 120 <= mod.DEVICE_S
+    assert mod.plan(["tests", "determinism", "memcheck"], call_s=450) == [["tests", "determinism"], ["memcheck"]]
+
+
+def test_a_call_outside_the_plan_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _module().main(["--only", "tests", "--call", "2", "--dry-run"])
+    assert exc.value.code == 2 and "--call must be 1..1" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Does a bf16 attack keep its strength? PGD-20 robust accuracy of trained models under the same
 attack run in fp32 and in bf16 (``PGD(..., precision=)``): the same model, the same random starts
 (one seeded generator per run, drawn in fp32 either way), the whole test set, accuracy of the
-adversarial images judged in fp32. Prints a table and writes attack_strength.json next to this file.
+adversarial images judged in fp32. ``--layouts nchw channels_last`` also runs every precision with
+the model and batches in channels_last (arm "fp32+cl"): the same question for the memory format.
+Every arm is compared with the first one. Prints a table and writes attack_strength.json next to this file.
 
     PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py runs/i20/digits_teacher/teacher.pt ...
 """
@@ -26,13 +28,15 @@ from gacd_fast.distill.train import load_checkpoint
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def robust(model, test, *, eps, alpha, precision, seed, batch_size=256):
+def robust(model, test, *, eps, alpha, precision, layout, seed, batch_size=256):
     """Per-sample correctness [N] (bool) of the model on PGD-20 images, and the attack's seconds."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model.to(memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)
     atk = PGD(model, eps, alpha, 20, generator=gen, precision=precision)
     out, t0 = [], time.time()
     for x, y, _ in iterate(test, batch_size):
-        xa = atk(x, y)
+        xa = atk(x.contiguous(memory_format=fmt), y)
         with torch.no_grad():
             out.append(logits_of(model(xa)).argmax(1) == y)
     return torch.cat(out), time.time() - t0
@@ -42,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "channels_last"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None,
@@ -51,6 +56,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*runs emulated on this CPU")
+    arms = [(p, layout) for layout in args.layouts for p in args.precisions]
+    labels = [p if layout == "nchw" else f"{p}+cl" for p, layout in arms]
     results = {}
     for path in args.checkpoints:
         model, meta = load_checkpoint(path)
@@ -61,25 +68,25 @@ def main() -> None:
         row = {"checkpoint": path, "dataset": cfg["dataset"], "arch": meta["arch"], "n": len(test),
                "eps": ecfg.eps, "alpha": ecfg.alpha}
         correct = {}
-        for p in args.precisions:
-            correct[p], row[f"seconds_{p}"] = robust(model, test, eps=ecfg.eps, alpha=ecfg.alpha, precision=p,
-                                                     seed=args.seed)
-            row[f"pgd20_{p}"] = float(correct[p].float().mean())
-            print(f"{path} {p}: PGD-20 {100 * row[f'pgd20_{p}']:.2f}% ({row[f'seconds_{p}']:.0f} s)", flush=True)
-        for p in args.precisions[1:]:
-            row[f"diff_points_{p}"] = 100 * (row[f"pgd20_{p}"] - row["pgd20_fp32"])
-            row[f"agreement_{p}"] = float((correct[p] == correct["fp32"]).float().mean())
+        for (p, layout), arm in zip(arms, labels):
+            correct[arm], row[f"seconds_{arm}"] = robust(model, test, eps=ecfg.eps, alpha=ecfg.alpha, precision=p,
+                                                         layout=layout, seed=args.seed)
+            row[f"pgd20_{arm}"] = float(correct[arm].float().mean())
+            print(f"{path} {arm}: PGD-20 {100 * row[f'pgd20_{arm}']:.2f}% ({row[f'seconds_{arm}']:.0f} s)", flush=True)
+        for arm in labels[1:]:
+            row[f"diff_points_{arm}"] = 100 * (row[f"pgd20_{arm}"] - row[f"pgd20_{labels[0]}"])
+            row[f"agreement_{arm}"] = float((correct[arm] == correct[labels[0]]).float().mean())
         results[f"{cfg['dataset']} {meta['arch']}"] = row
     doc = {"command": "PYTHONPATH=. python " + shlex.join(sys.argv),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": results}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
-    print(f"{'model':<36}{'n':>6}{'eps':>7}" + "".join(f"{'pgd20 ' + p:>13}" for p in args.precisions)
-          + "".join(f"{'diff ' + p:>11}{'agree ' + p:>12}" for p in args.precisions[1:]))
+    print(f"{'model':<36}{'n':>6}{'eps':>7}" + "".join(f"{'pgd20 ' + a:>16}" for a in labels)
+          + "".join(f"{'diff ' + a:>15}{'agree ' + a:>16}" for a in labels[1:]))
     for name, r in results.items():
-        print(f"{name:<36}{r['n']:>6}{r['eps']:>7.3f}" + "".join(f"{100 * r[f'pgd20_{p}']:>12.2f}%" for p in args.precisions)
-              + "".join(f"{r[f'diff_points_{p}']:>+11.2f}{100 * r[f'agreement_{p}']:>11.1f}%" for p in args.precisions[1:]))
+        print(f"{name:<36}{r['n']:>6}{r['eps']:>7.3f}" + "".join(f"{100 * r[f'pgd20_{a}']:>15.2f}%" for a in labels)
+              + "".join(f"{r[f'diff_points_{a}']:>+15.2f}{100 * r[f'agreement_{a}']:>15.1f}%" for a in labels[1:]))
 
 
 if __name__ == "__main__":

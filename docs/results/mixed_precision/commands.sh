@@ -84,3 +84,24 @@ python docs/results/mixed_precision/compare_studies.py runs/study_mnist5k_fp32_6
 # the old code's bf16 GACD (loss in bf16) on seeds 3-5 too (worktree at e4f4282; ran as two processes, seeds 3 4 and seed 5)
 (cd <worktree at e4f4282> && gacd-fast study --dataset mnist5k --seeds 3 4 5 --teacher runs/mnist5k_teacher/teacher.pt --methods gacd \
     --banks memory --precision bf16 --autoattack 200 --eps-sweep 0 --threads 1 --no-progress --out runs/old_mnist5k_bf16_s345)
+
+# Round of 2026-12-03, third session (the same quiet 2-core AVX2 CPU). Whole-step benchmarks, each
+# side by side in one run (CSV and log under benchmarks/results/, named by the run's start):
+python benchmarks/bench_train_step.py --quick                                      # ..._20261203T070316 (with bf16)
+V="plain fp32,plain_cl fp32,torchattacks fp32,gacd fp32,gacd_cl fp32"              # fp32, NCHW and channels_last
+python benchmarks/bench_pgd.py --quick --no-steps --variants "$V"                    # bench_pgd_cpu_20261203T073803
+python benchmarks/bench_train_step.py --quick --variants "$V"                        # ..._20261203T074307 (3 rounds)
+python benchmarks/bench_train_step.py --quick --workloads resnet18 --reps 5 --no-memory \
+    --variants "plain fp32,plain_cl fp32,gacd fp32,gacd_cl fp32"                     # ..._20261203T080250 (5 rounds)
+python benchmarks/plot.py benchmarks/results/bench_pgd_cpu_20261203T073803.csv benchmarks/results/bench_train_step_cpu_20261203T0{70316,74307,80250}.csv
+# the attack's verdicts in channels_last against NCHW (fp32), on the ResNet-18 teachers above
+PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 1 --precisions fp32 --layouts nchw channels_last \
+    --out docs/results/mixed_precision/attack_strength_digits_resnet18_channels_last.json runs/r18/digits_resnet18_teacher/teacher.pt
+PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 1 --limit 256 --precisions fp32 --layouts nchw channels_last \
+    --out docs/results/mixed_precision/attack_strength_mnist5k_resnet18_channels_last.json runs/r18/mnist5k_resnet18_teacher/teacher.pt
+# digits GACD students trained with --channels-last (fp32), 5 seeds, against the 10-seed fp32 study
+gacd-fast study --dataset digits --seeds 0 1 2 3 4 --teacher runs/digits_teacher/teacher.pt --methods gacd \
+    --precision fp32 --channels-last --autoattack 200 --threads 1 --no-progress --out runs/study_digits_fp32_cl
+python docs/results/mixed_precision/compare_studies.py runs/study_digits_fp32_10 runs/study_digits_fp32_cl --name digits_channels_last_5seeds
+# the attack's parameter freeze, re-measured (paired rounds, ResNet-18 B=32)
+PYTHONPATH=. python docs/results/mixed_precision/param_grad_probe.py --threads 1 2 --batch 32 --rounds 15
