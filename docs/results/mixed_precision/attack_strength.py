@@ -76,7 +76,8 @@ def main() -> None:
         for arm in labels[1:]:
             row[f"diff_points_{arm}"] = 100 * (row[f"pgd20_{arm}"] - row[f"pgd20_{labels[0]}"])
             row[f"agreement_{arm}"] = float((correct[arm] == correct[labels[0]]).float().mean())
-        results[f"{cfg['dataset']} {meta['arch']}"] = row
+        name = f"{cfg['dataset']} {meta['arch']}"
+        results[name if name not in results else f"{name} ({path})"] = row  # two checkpoints of one kind
     doc = {"command": "PYTHONPATH=. python " + shlex.join(sys.argv),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": results}
     with open(args.out, "w") as f:

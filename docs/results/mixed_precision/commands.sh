@@ -105,3 +105,14 @@ gacd-fast study --dataset digits --seeds 0 1 2 3 4 --teacher runs/digits_teacher
 python docs/results/mixed_precision/compare_studies.py runs/study_digits_fp32_10 runs/study_digits_fp32_cl --name digits_channels_last_5seeds
 # the attack's parameter freeze, re-measured (paired rounds, ResNet-18 B=32)
 PYTHONPATH=. python docs/results/mixed_precision/param_grad_probe.py --threads 1 2 --batch 32 --rounds 15
+# ResNet-18 teachers trained in NCHW and in channels_last, 3 seeds (one split, seed 0's; seed 0 ran with the defaults,
+# the same), one thread a run,
+# two runs side by side; then PGD-20 (fp32) of all six on the whole test set
+for s in 0 1 2; do
+  gacd-fast train-teacher --dataset digits --model resnet18 --epochs 12 --threads 1 --no-progress --seed $s --split-seed 0 \
+      --out runs/cl/t_nchw_s$s
+  gacd-fast train-teacher --dataset digits --model resnet18 --epochs 12 --threads 1 --no-progress --seed $s --split-seed 0 \
+      --channels-last --out runs/cl/t_cl_s$s
+done
+PYTHONPATH=. python docs/results/mixed_precision/attack_strength.py --threads 2 --precisions fp32 \
+    --out docs/results/mixed_precision/attack_strength_digits_resnet18_trained_channels_last.json runs/cl/t_{nchw,cl}_s{0,1,2}/teacher.pt
