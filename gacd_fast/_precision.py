@@ -4,7 +4,7 @@ dtypes, and whether a device can run them (a leaf helper: it imports nothing fro
 "fp32" adds no autocast region of its own (an enclosing one still applies, as to any code);
 "bf16" and "fp16" run the region under ``torch.autocast`` with that dtype. A precision the device
 cannot run is a RuntimeError that says why; one it runs only emulated (a CPU without bf16/fp16
-instructions: oneDNN then falls back to slow reference kernels, measured 1.2-24x slower than fp32
+instructions; measured 1.2-24x slower than fp32
 on the AVX2 machines of this project) warns once per process, because the user asked for speed.
 """
 from __future__ import annotations
